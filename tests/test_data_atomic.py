@@ -1,0 +1,57 @@
+"""pipeline.atomic: files and directories appear complete or not at all; ordered_map order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, staging_dir
+from pipeline.data.workers import ordered_map, resolve_workers
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    p = tmp_path / "f.bin"
+    atomic_write_bytes(p, b"one")
+    atomic_write_bytes(p, b"two")
+    assert p.read_bytes() == b"two"
+    assert [x.name for x in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_atomic_json_is_stable(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"b": 1, "a": [1.5, "x"]})
+    text = (tmp_path / "a.json").read_text()
+    assert text.endswith("\n") and json.loads(text) == {"b": 1, "a": [1.5, "x"]}
+
+
+def test_staging_dir_success_replaces_old(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old").write_text("old")
+    with staging_dir(final) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.")
+        (tmp / "new").write_text("new")
+        assert (final / "old").exists()  # untouched until success
+    assert [p.name for p in final.iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_staging_dir_failure_keeps_old_and_cleans_up(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(final) as tmp:
+            (tmp / "half").write_text("x")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_ordered_map_keeps_order_with_processes(monkeypatch):
+    monkeypatch.setattr("pipeline.data.workers.MIN_ITEMS_FOR_POOL", 1)
+    items = list(range(9))
+    assert list(ordered_map(_square, items, workers=2)) == [i * i for i in items]
+    assert list(ordered_map(_square, items, workers=1)) == [i * i for i in items]
+    assert resolve_workers(3) == 3 and 1 <= resolve_workers(0) <= 8
