@@ -1,0 +1,261 @@
+"""Training-loader throughput: degraded crop x crop patches per second, three loaders, one run.
+
+Loaders, over the same shards, batch size, crop and number of workers (``--threads``):
+
+* ``dali``    our DALI pipeline (pipeline/data/dali_pipeline.py): CPU operators with
+              ``--threads`` DALI threads, or with ``--device gpu`` the mixed decoder and GPU
+              operators (run that on a machine with CUDA).
+* ``torch``   our pure-PyTorch loader (pipeline/data/torch_loader.py): PIL decode and the
+              reference ``pipeline.degradation.degrade`` in ``--threads`` DataLoader workers.
+* ``basicsr`` the field's usual recipe, as BasicSR/KAIR-style datasets do it: OpenCV decode,
+              numpy crop/flip/rotate, ``cv2.filter2D(..., BORDER_REPLICATE)`` with the 21x21
+              kernel, numpy Gaussian noise, 8-bit rounding, per-sample items collated by a
+              DataLoader with ``--threads`` workers (one OpenCV thread each).
+
+All three produce the same thing (blur r on the 0.1 grid in [0, 4], noise sigma on the 1 grid
+in [0, 50], 8-bit degraded + clean patch + z), so samples/s compare like for like. Each loader
+is warmed up, then timed for ``--seconds`` in ``--rounds`` interleaved rounds (every loader
+samples every period of the machine's drifting load); the table gives the median rate per
+loader and its ratio to ``basicsr`` from the same run -- compare ratios, not figures from
+different runs or machines.
+
+Examples::
+
+    .venv/bin/python benchmarks/loader.py --images ../shared/datasets/CBSD68 --threads 2
+    .venv/bin/python benchmarks/loader.py --shards data/shards --threads 8 --device gpu
+
+``--images`` builds temporary shards (sub-images of ``--subimage-size``, like the extract and
+shards stages) from a folder of images; ``--shards`` uses an existing shards directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from pipeline.config import ExtractParams, Params, ShardParams, parse_params  # noqa: E402
+from pipeline.data.dali_pipeline import level_grid  # noqa: E402
+from pipeline.data.loader import build_train_loader, read_shard_set  # noqa: E402
+from pipeline.data.torch_loader import SampleTable, read_sample_table  # noqa: E402
+
+log = logging.getLogger("benchmarks.loader")
+
+
+# ---------------------------------------------------------------------------------------------
+# temporary shards from a folder of images
+
+
+def build_shards(images_dir: Path, out_dir: Path, subimage_size: int) -> int:
+    """Sub-images of every image in ``images_dir`` written as shards; returns the count."""
+    from pipeline.data.extract import encode_png, subimage_grid, subimage_key
+    from pipeline.data.shards import write_shards
+    from pipeline.imageio import ImageError, read_rgb8
+
+    extract = ExtractParams(crop_size=subimage_size, step=subimage_size // 2,
+                            thresh_size=subimage_size // 4)
+    samples = []
+    for path in sorted(images_dir.iterdir()):
+        if path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}:
+            continue
+        try:
+            array = read_rgb8(path).array
+        except ImageError as err:
+            log.warning("skipped %s", err)
+            continue
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
+        for y, x in subimage_grid(array.shape[0], array.shape[1], extract):
+            png = encode_png(array[y:y + subimage_size, x:x + subimage_size], 1)
+            samples.append({"key": subimage_key(stem, y, x), "png": png})
+    if not samples:
+        raise SystemExit(f"{images_dir}: no images of at least {subimage_size} pixels a side")
+    write_shards(samples, lambda s: s["png"], out_dir, ShardParams(max_count=256),
+                 crop_size=subimage_size)
+    return len(samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# the BasicSR-style baseline
+
+
+class BasicSRStyleDataset(torch.utils.data.Dataset):
+    """One degraded patch per item, the way BasicSR-style datasets make them (see module doc)."""
+
+    def __init__(self, table: SampleTable, params: Params, seed: int) -> None:
+        self.table = table
+        self.crop = params.loader.crop
+        deg = params.degradation
+        self.blur_grid = level_grid(deg.blur_max, deg.blur_step)
+        self.noise_grid = level_grid(deg.noise_max, deg.noise_step)
+        self.blur_max, self.noise_max = deg.blur_max, deg.noise_max
+        self.kernel_size = deg.kernel_size
+        self.seed = seed
+        self._files: dict[int, int] = {}
+        self._rng: np.random.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getstate__(self):
+        return self.__dict__ | {"_files": {}, "_rng": None}
+
+    def __getitem__(self, index: int):
+        import cv2
+
+        if self._rng is None:
+            cv2.setNumThreads(1)
+            self._rng = np.random.default_rng([self.seed, torch.initial_seed() % 2**32])
+        rng = self._rng
+        data = np.frombuffer(self.table.read(index, self._files), np.uint8)
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1].astype(np.float32) / 255.0
+        h, w = img.shape[:2]
+        top, left = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
+        img = img[top:top + self.crop, left:left + self.crop]
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        if rng.random() < 0.5:
+            img = img[::-1]
+        if rng.random() < 0.5:
+            img = img.transpose(1, 0, 2)
+        clean = np.ascontiguousarray(img)
+        r = float(rng.choice(self.blur_grid))
+        sigma = float(rng.choice(self.noise_grid))
+        if r > 0:
+            k1 = cv2.getGaussianKernel(self.kernel_size, r)
+            blurred = cv2.filter2D(clean, -1, k1 @ k1.T, borderType=cv2.BORDER_REPLICATE)
+        else:
+            blurred = clean
+        noisy = blurred + rng.standard_normal(clean.shape, dtype=np.float32) * (sigma / 255.0)
+        degraded = np.floor(np.clip(noisy, 0.0, 1.0) * 255.0 + 0.5) / 255.0
+        z = torch.tensor([r / self.blur_max, sigma / self.noise_max], dtype=torch.float32)
+        return (torch.from_numpy(degraded.transpose(2, 0, 1).copy()),
+                torch.from_numpy(clean.transpose(2, 0, 1).copy()), z)
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def endless(make_epoch: Callable[[], Iterator]) -> Iterator:
+    while True:
+        yield from make_epoch()
+
+
+def measure(batches: Iterator, batch_size: int, device: torch.device, seconds: float) -> float:
+    """Samples per second drawn from ``batches`` during ``seconds``."""
+    count = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = next(batches)
+        count += 1
+    if device.type == "cuda":
+        _ = batch[0].sum().item()  # the last copy has landed
+        torch.cuda.synchronize(device)
+    return count * batch_size / (time.perf_counter() - start)
+
+
+def open_loader(name: str, shards: Path, params: Params, device: torch.device,
+                args: argparse.Namespace) -> tuple[Iterator, str]:
+    """An endless batch iterator for one loader, and where its work runs."""
+    if name in ("dali", "torch"):
+        p = params.model_copy(update={"loader": params.loader.model_copy(update={"backend": name})})
+        loader = build_train_loader(shards, p, seed=args.seed, device=device)
+        where = "GPU" if getattr(loader, "on_gpu", False) else "CPU"
+        return endless(lambda: iter(loader)), where
+    dataset = BasicSRStyleDataset(read_sample_table(read_shard_set(shards)), params, args.seed)
+    dl = torch.utils.data.DataLoader(
+        dataset, batch_size=params.loader.batch_size, shuffle=True, drop_last=True,
+        num_workers=args.threads, persistent_workers=True, prefetch_factor=2,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+    def epoch():
+        for batch in dl:
+            yield [t.to(device, non_blocking=True) for t in batch]
+
+    return endless(epoch), "CPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", type=Path, help="existing shards directory")
+    source.add_argument("--images", type=Path, help="folder of images -> temporary shards")
+    parser.add_argument("--subimage-size", type=int, default=192,
+                        help="sub-image size for --images (the extract stage uses 192)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="DALI threads = torch/basicsr DataLoader workers")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=12.0, help="timed seconds per loader")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="interleaved timing rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches per loader")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: DALI GPU pipeline, all batches delivered to cuda:0")
+    parser.add_argument("--loaders", default="dali,torch,basicsr")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("--device gpu needs CUDA; run this on a GPU machine")
+    device = torch.device("cuda:0" if args.device == "gpu" else "cpu")
+    torch.set_num_threads(1)  # the main process only collects batches; workers do the work
+    params = parse_params({"loader": {
+        "crop": args.crop, "batch_size": args.batch_size, "num_threads": args.threads,
+        "device": args.device, "shuffle_buffer": 1024,
+    }})
+    loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
+    unknown = set(loaders) - {"dali", "torch", "basicsr"}
+    if unknown:
+        raise SystemExit(f"unknown loaders: {', '.join(sorted(unknown))}")
+
+    with tempfile.TemporaryDirectory(prefix="cugan-bench-") as tmp:
+        shards = args.shards
+        if args.images is not None:
+            shards = Path(tmp) / "shards"
+            count = build_shards(args.images, shards, args.subimage_size)
+            print(f"built {count} sub-images of {args.subimage_size}px from {args.images}")
+        num = read_shard_set(shards).num_samples
+        print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
+        print(f"{num} samples, batch {args.batch_size}, crop {args.crop}, {args.threads} "
+              f"threads/workers, {os.cpu_count()} CPUs visible, {args.seconds:g} s per loader "
+              f"in {args.rounds} interleaved rounds, batches delivered to {device}")
+        opened = {name: open_loader(name, shards, params, device, args) for name in loaders}
+        for batches, _ in opened.values():  # start-up, first fills of the buffers
+            for _ in range(args.warmup):
+                next(batches)
+        # Interleaved rounds: the machine's load drifts, so every loader samples every period.
+        rates: dict[str, list[float]] = {name: [] for name in loaders}
+        for _ in range(args.rounds):
+            for name, (batches, _) in opened.items():
+                rates[name].append(measure(batches, args.batch_size, device,
+                                           args.seconds / args.rounds))
+
+    median = {name: float(np.median(r)) for name, r in rates.items()}
+    base = median.get("basicsr")
+    print(f"\n{'loader':<9} {'runs on':<8} {'samples/s':>10} {'min..max':>15} {'vs basicsr':>11}")
+    for name, rate in median.items():
+        ratio = f"{rate / base:.2f}x" if base else "-"
+        spread = f"{min(rates[name]):.0f}..{max(rates[name]):.0f}"
+        print(f"{name:<9} {opened[name][1]:<8} {rate:>10.1f} {spread:>15} {ratio:>11}")
+
+
+if __name__ == "__main__":
+    main()
