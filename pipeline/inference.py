@@ -1,0 +1,333 @@
+"""Restoring one 8-bit image with a generator: padding, optional tiling, and model loading.
+
+:func:`restore` takes and returns ``uint8 H x W x 3`` arrays, so that what the CLI writes is
+exactly what an evaluation computes: the conversions are :func:`pipeline.degradation.to_tensor`
+(``k / 255``) and :func:`pipeline.degradation.to_uint8` (clip, round half up like MATLAB
+``im2uint8``).
+
+The U-Net halves the resolution ``S - 1`` times, so H and W must be multiples of
+``size_multiple = 2**(S-1)``: the image is padded on the bottom and right by replicating its
+last row/column, and the output is cropped back.
+
+Tiling (for images too large to run in one piece) is "keep the centre": the padded image is
+cut into cores of ``tile x tile`` pixels that partition it; each core is run with a margin of
+``tile_overlap`` pixels of real image around it (less at the image border, where the untiled
+run sees the same border), and only the core of each output is kept. Core origins and margins
+are multiples of ``size_multiple``, so every tile sees the same down-sampling grid as the whole
+image. A core pixel's output then equals the untiled one exactly (up to float summation order)
+whenever the margin covers the network's receptive field (:func:`receptive_field_radius`);
+smaller margins give small differences along the core boundaries, which in practice stay small
+because the effective receptive field is much narrower than the theoretical one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.generator import Generator, GeneratorConfig
+from pipeline.degradation import to_tensor, to_uint8
+
+__all__ = [
+    "InferenceError",
+    "load_model_for_inference",
+    "receptive_field_radius",
+    "resolve_device",
+    "restore",
+    "tile_layout",
+    "validate_z",
+]
+
+log = logging.getLogger(__name__)
+
+#: Prefix of MLflow registered-model URIs (supported in a later issue).
+REGISTERED_MODEL_PREFIX = "models:/"
+
+
+class InferenceError(RuntimeError):
+    """The model produced something unusable (e.g. NaN); one-line message."""
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def validate_z(z: Tensor | np.ndarray | Sequence[float] | None, cond_dim: int) -> Tensor:
+    """``z`` as a float32 ``[1, cond_dim]`` tensor, or ValueError with a one-line reason.
+
+    Accepts ``[cond_dim]`` or ``[1, cond_dim]``; every entry must be finite and in [0, 1].
+    """
+    if z is None:
+        raise ValueError(f"z is required: {cond_dim} numbers in [0, 1]")
+    try:
+        t = torch.as_tensor(z.detach().cpu() if isinstance(z, Tensor) else z, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"z must be {cond_dim} numbers in [0, 1] (got {z!r})") from None
+    if t.ndim == 2 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 1 or t.shape[0] != cond_dim:
+        raise ValueError(f"z must have shape [{cond_dim}] or [1, {cond_dim}] (got {list(t.shape)})")
+    values = [round(v, 6) for v in t.tolist()]
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"z entries must be finite (got {values})")
+    if bool((t < 0).any()) or bool((t > 1).any()):
+        raise ValueError(f"z entries must lie in [0, 1] (got {values})")
+    return t.to(torch.float32)[None]
+
+
+def _check_image(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"image must be a numpy array (got {type(image).__name__})")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (got {image.dtype})")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image must have shape H x W x 3 (got {image.shape})")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r} (use cpu, cuda or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available (use cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {str(dev)!r} (use cpu, cuda or auto)")
+    return dev
+
+
+# ---------------------------------------------------------------------------------------------
+# tiling geometry
+
+
+def receptive_field_radius(cfg: GeneratorConfig) -> int:
+    """Upper bound, in input pixels, on how far an output pixel of G can see.
+
+    Sums the half-widths of every layer on the path head -> left blocks -> downs -> right
+    blocks -> ups -> tail, each scaled by the pixel stride of its scale. A ``tile_overlap`` at
+    least this large makes tiled and untiled outputs agree up to float rounding.
+    """
+    radius = 1 + 1  # head and tail 3x3 convs at stride 1
+    for s, n in enumerate(cfg.blocks_per_scale):
+        stride = 2**s
+        radius += 2 * (2 * n) * stride  # n MRBs per side, two 3x3 convs each, both sides
+        if s > 0:
+            # the k x k stride-2 down conv entering scale s and the 2x2 up conv leaving it
+            radius += (cfg.down_kernel - 1) * 2 ** (s - 1) + 2 ** (s - 1)
+    return radius
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def tile_layout(
+    length: int, tile: int, overlap: int, multiple: int
+) -> list[tuple[int, int, int, int]]:
+    """Tiles along one axis of a padded length: ``(in_start, in_end, core_start, core_end)``.
+
+    Cores of ``tile`` pixels (rounded up to ``multiple``) partition ``[0, length)``; inputs add
+    ``overlap`` (rounded up to ``multiple``) on each side, clamped to the image.
+    """
+    if length % multiple:
+        raise ValueError(f"length {length} is not a multiple of {multiple}")
+    core = _round_up(max(tile, 1), multiple)
+    margin = _round_up(max(overlap, 0), multiple)
+    spans = []
+    for start in range(0, length, core):
+        end = min(start + core, length)
+        spans.append((max(0, start - margin), min(length, end + margin), start, end))
+    return spans
+
+
+# ---------------------------------------------------------------------------------------------
+# restoration
+
+
+def restore(
+    model: Generator,
+    image: np.ndarray,
+    z: Tensor | np.ndarray | Sequence[float] | None,
+    *,
+    tile: int | None = None,
+    tile_overlap: int = 32,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Restore an 8-bit RGB image with ``model`` steered by ``z``; returns uint8 H x W x 3.
+
+    Args:
+        model: a :class:`~models.generator.Generator` (moved to ``device`` and put in eval
+            mode: this mutates the module, as ``module.to`` does).
+        image: ``uint8 H x W x 3``.
+        z: ``[cond_dim]`` or ``[1, cond_dim]`` in [0, 1]; may be None for an unconditional
+            model (the Unet baseline), which ignores it.
+        tile: core size of square tiles in pixels; None (or a tile covering the image) runs
+            the image in one piece.
+        tile_overlap: margin of context around each core (see the module docstring).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
+    """
+    _check_image(image)
+    cfg = model.config
+    zt = validate_z(z, cfg.cond_dim) if (cfg.conditional or z is not None) else None
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0):
+        raise ValueError(f"tile must be a positive integer or None (got {tile!r})")
+    if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0:
+        raise ValueError(f"tile_overlap must be a non-negative integer (got {tile_overlap!r})")
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    dtype = next(model.parameters()).dtype
+    if zt is not None:
+        zt = zt.to(device=dev, dtype=dtype)
+
+    h, w = image.shape[:2]
+    m = model.size_multiple
+    with torch.inference_mode():
+        x = to_tensor(image)  # on the CPU; tiles move to the device one at a time
+        x = _pad_to_multiple(x, m)
+        hp, wp = x.shape[-2:]
+        if tile is None or (tile >= hp and tile >= wp):
+            out = model(x.to(device=dev, dtype=dtype), zt).float().cpu()
+        else:
+            out = _run_tiled(model, x, zt, tile, tile_overlap, m, dev, dtype)
+        out = out[..., :h, :w]
+        if not bool(torch.isfinite(out).all()):
+            raise InferenceError("the model produced non-finite values (NaN or inf)")
+        return to_uint8(out)
+
+
+def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Replicate-pad a [B, C, H, W] tensor on the bottom/right to multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    ph, pw = _round_up(h, multiple) - h, _round_up(w, multiple) - w
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="replicate")
+
+
+def _run_tiled(
+    model: Generator,
+    x: Tensor,
+    z: Tensor | None,
+    tile: int,
+    overlap: int,
+    multiple: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    hp, wp = x.shape[-2:]
+    rows = tile_layout(hp, tile, overlap, multiple)
+    cols = tile_layout(wp, tile, overlap, multiple)
+    log.debug(
+        "tiled inference: %d x %d tiles of %d px, overlap %d", len(rows), len(cols), tile, overlap
+    )
+    out = torch.empty(x.shape[0], model.config.out_channels, hp, wp, dtype=torch.float32)
+    for y0, y1, cy0, cy1 in rows:
+        for x0, x1, cx0, cx1 in cols:
+            piece = x[..., y0:y1, x0:x1].to(device=device, dtype=dtype)
+            result = model(piece, z)
+            out[..., cy0:cy1, cx0:cx1] = (
+                result[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].float().cpu()
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# model loading
+
+
+def load_model_for_inference(
+    model: str | os.PathLike[str] | None,
+    *,
+    mse_model: str | os.PathLike[str] | None = None,
+    gan_model: str | os.PathLike[str] | None = None,
+    alpha: float | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Generator:
+    """A generator in eval mode: one checkpoint, or the DNI blend of an MSE and a GAN model.
+
+    ``model``: a checkpoint directory or ``.safetensors`` file (``pipeline.checkpoint``).
+    ``alpha`` with ``mse_model`` and ``gan_model``: ``(1 - alpha) * GAN + alpha * MSE`` over all
+    parameters (``models.dni``); the two configs must be equal. Give exactly one of the two
+    forms. Raises ValueError for a wrong combination and ``CheckpointError`` for a bad file.
+    """
+    from pipeline.checkpoint import load_generator
+
+    blend_given = [
+        name for name, v in (("mse_model", mse_model), ("gan_model", gan_model)) if v is not None
+    ]
+    if model is not None:
+        if blend_given or alpha is not None:
+            raise ValueError("give either a model, or alpha with mse_model and gan_model, not both")
+        _refuse_registered(model)
+        gen, meta = load_generator(model, map_location=map_location)
+        log.debug("loaded generator from %s%s", model, _describe(meta))
+        return gen.eval()
+
+    if alpha is None:
+        if blend_given:
+            raise ValueError(
+                f"{' and '.join(blend_given)} given without alpha: the DNI blend needs alpha"
+            )
+        raise ValueError("no model given: a checkpoint, or alpha with mse_model and gan_model")
+    if mse_model is None or gan_model is None:
+        raise ValueError("alpha needs both mse_model and gan_model (the DNI blend of the two)")
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or not 0.0 <= alpha <= 1.0
+    ):
+        raise ValueError(f"alpha must be a number in [0, 1] (got {alpha!r})")
+    _refuse_registered(mse_model)
+    _refuse_registered(gan_model)
+
+    from models.dni import blend_generators
+
+    mse, mse_meta = load_generator(mse_model, map_location=map_location)
+    gan, gan_meta = load_generator(gan_model, map_location=map_location)
+    if mse.config != gan.config:
+        raise ValueError(
+            f"cannot blend {mse_model} and {gan_model}: their generator configs differ "
+            f"({_config_difference(mse.config, gan.config)})"
+        )
+    log.debug(
+        "DNI blend alpha=%g of MSE %s%s and GAN %s%s",
+        alpha,
+        mse_model,
+        _describe(mse_meta),
+        gan_model,
+        _describe(gan_meta),
+    )
+    return blend_generators(mse, gan, float(alpha))
+
+
+def _refuse_registered(spec: str | os.PathLike[str]) -> None:
+    if isinstance(spec, str) and spec.startswith(REGISTERED_MODEL_PREFIX):
+        raise ValueError(
+            f"{spec}: registered model names are not supported yet; give a checkpoint directory "
+            "or .safetensors file"
+        )
+
+
+def _describe(meta: dict) -> str:
+    keys = [k for k in ("stage", "iteration", "source") if k in meta]
+    return " (" + ", ".join(f"{k}={meta[k]}" for k in keys) + ")" if keys else ""
+
+
+def _config_difference(a: GeneratorConfig, b: GeneratorConfig) -> str:
+    da, db = a.to_dict(), b.to_dict()
+    diffs = [f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db[k]]
+    return "; ".join(diffs) or "unknown difference"
