@@ -267,7 +267,23 @@ class SweepParams(_Section):
 
     # Overrides applied to every trial before its variant's (the sweep's training profile).
     profile: dict[str, Any] = {}
-    variants: tuple[SweepVariant, ...] = ()
+    # The paper's ablations (section 4.4): scales at 12 residual blocks in total, and GFM.
+    variants: tuple[SweepVariant, ...] = (
+        SweepVariant(name="cugan-1", overrides={
+            "train_cunet": {"generator": "cugan-1"},
+            "train_cugan": {"generator": "cugan-1", "discriminator": "authors"}}),
+        SweepVariant(name="cugan-2", overrides={
+            "train_cunet": {"generator": "cugan-2"},
+            "train_cugan": {"generator": "cugan-2", "discriminator": "authors"}}),
+        SweepVariant(name="cugan-3", overrides={
+            "train_cunet": {"generator": "cugan-3"},
+            "train_cugan": {"generator": "cugan-3", "discriminator": "authors"}}),
+        SweepVariant(name="cugan-3-no-gfm", overrides={
+            "train_cunet": {"generator": "cugan-3"},
+            "train_cugan": {"generator": "cugan-3", "discriminator": "no-gfm"}}),
+    )
+    # Add the GAN-loss arm: "relativistic" (RaGAN) against the paper's vanilla GAN.
+    include_gan_loss: bool = False
     # Ranking metric: <set>/<setting or all>/<metric> of the evaluation, and its direction.
     metric: str = "holdout/all/lpips"
     mode: Literal["min", "max"] = "min"
@@ -309,6 +325,8 @@ class RetrainParams(_Section):
     timezone: str = "UTC"
     # Command rerunning the pipeline (argv); empty: skip (evaluate the latest versions only).
     repro_command: tuple[str, ...] = ("dvc", "repro")
+    # Retries of the rerun (e.g. a download that timed out), a minute apart.
+    repro_retries: int = Field(1, ge=0)
     alias: str = "champion"
     rules: tuple[PromotionRule, ...] = (
         PromotionRule(model_name="cunet", metric="holdout/all/psnr_rgb", direction="max"),

@@ -1,0 +1,230 @@
+"""Training throughput: the full loop against its compute-only ceiling, and 1 vs 2 Ray workers.
+
+    .venv/bin/python benchmarks/train.py --stage cunet --generator demo --batch 16 \
+        --iterations 30 --warmup 10 --json bench-results/train.json
+
+Three measurements, in samples per second (global batch x iterations / seconds):
+
+* ``ceiling``   a bare loop of ``mse_step``/``gan_step`` over batches made in advance (in
+                memory, already degraded), same model, batch and torch threads: compute only;
+* ``full``      ``pipeline.train.loop.run_worker`` in this process on the real shards: loader
+                (``--backend``: DALI or torch, reading and degrading), step, per-iteration loss
+                recording, MLflow logging (a scratch sqlite store), the progress line;
+* ``ray-1`` / ``ray-2``  the same stage through Ray Train (``run_stage``) with 1 worker x N
+                CPUs and with 2 workers x N/2 CPUs each (DDP over gloo), global batch constant.
+
+``full / ceiling`` is the share of compute time the loop keeps; ``ray-2 / ray-1`` the scaling.
+Rates exclude the first ``--warmup`` iterations (pipeline start-up, first epoch) and time
+spent validating and checkpointing (the loop measures its windows that way); Ray's start-up
+(worker processes, process group) is reported separately as wall time. Numbers are comparable
+only within one run on one machine (same load). Timed work lives here, never in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from models.registry import build_discriminator, build_generator
+from pipeline.config import Params, load_params, parse_params
+from pipeline.data.loader import Batch
+from pipeline.train.loop import LocalSession, run_worker, stage_params
+from pipeline.train.losses import GANLoss, PerceptualLoss
+from pipeline.train.steps import Nets, Optimizers, gan_step, mse_step
+from pipeline.train.tensors import synthetic_samples
+from pipeline.train.tracking import TrackingTarget
+
+log = logging.getLogger("benchmarks.train")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _params(args: argparse.Namespace, workers: int, cpus_per_worker: float, tmp: Path) -> Params:
+    raw = load_params(args.params).model_dump(mode="json")
+    raw["base"]["pretrained"] = "random"
+    raw["loader"].update(batch_size=args.batch, crop=args.crop, backend=args.backend)
+    section = raw[f"train_{args.stage}"]
+    section.update(
+        generator=args.generator,
+        iterations=args.warmup + args.iterations,
+        checkpoint_every=args.warmup + args.iterations,
+        log_every=args.window,
+    )
+    section["validation"].update(every=0, grid_every=0)
+    if args.discriminator:
+        section["discriminator"] = args.discriminator
+    raw["ray"].update(
+        num_workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        use_gpu=False,
+        storage_path=str(tmp / "ray"),
+        local_num_cpus=args.threads,
+    )
+    raw["tracking"].update(
+        uri=f"sqlite:///{tmp}/mlflow.db",
+        artifact_location=str(tmp / "art"),
+        log_model=False,
+        experiment="benchmark",
+    )
+    return parse_params(raw)
+
+
+def ceiling(args: argparse.Namespace, params: Params) -> float:
+    """Steps over pre-made batches: no loader, no logging."""
+    torch.set_num_threads(args.threads)
+    sp = stage_params(params, args.stage)
+    g = build_generator(sp.generator, generator=torch.Generator().manual_seed(0))
+    opts = Optimizers(g=torch.optim.Adam(g.parameters(), 1e-4))
+    nets = Nets(g=g)
+    if sp.loss == "gan":
+        d = build_discriminator(sp.discriminator, generator=torch.Generator().manual_seed(1))
+        nets = Nets(
+            g=g,
+            d=d,
+            perceptual=PerceptualLoss(sp.perceptual_layer, pretrained="random"),
+            gan_loss=GANLoss(sp.gan_type),
+        )
+        opts = Optimizers(g=opts.g, d=torch.optim.Adam(d.parameters(), 1e-4))
+    n = args.warmup + args.iterations
+    data = synthetic_samples(args.batch * 4, args.crop, seed=0)
+    batches = [
+        Batch(*(t[(i % 4) * args.batch : (i % 4 + 1) * args.batch] for t in data)) for i in range(n)
+    ]
+    for i, batch in enumerate(batches, start=1):
+        if i == args.warmup + 1:
+            t0 = time.perf_counter()
+        if sp.loss == "gan":
+            out = gan_step(nets, opts, batch, i, sp.weights)
+        else:
+            out = mse_step(nets, opts, batch)
+    float(next(iter(out.values())))
+    return args.iterations * args.batch / (time.perf_counter() - t0)
+
+
+def _window_rates(metric_rows: list[tuple[int, float]], warmup: int) -> float:
+    """Mean of the loop's per-window samples/s after the warm-up iterations."""
+    rates = [v for step, v in metric_rows if step > warmup]
+    return sum(rates) / len(rates) if rates else float("nan")
+
+
+def full_loop(args: argparse.Namespace, params: Params, tmp: Path) -> float:
+    from pipeline.train.tracking import RunLog, start_stage_run
+
+    target = start_stage_run(params.tracking, stage=f"bench_{args.stage}", out_dir=tmp / "full")
+    config = {
+        "params": params.model_dump(mode="json"),
+        "stage": args.stage,
+        "data": {"kind": "shards", "shards_dir": str(Path(args.shards).resolve())},
+        "evalsets_dir": None,
+        "init_dir": None,
+        "tracking": target.to_dict(),
+        "threads": args.threads,
+    }
+    run_worker(config, LocalSession(tmp / "full-ckpt"))
+    RunLog(target).finish()
+    return _rates_from_mlflow(target, args.warmup)
+
+
+def _rates_from_mlflow(target: TrackingTarget, warmup: int) -> float:
+    from mlflow import MlflowClient
+
+    history = MlflowClient(target.uri).get_metric_history(target.run_id, "perf/samples_per_s")
+    return _window_rates([(m.step, m.value) for m in history], warmup)
+
+
+def ray_run(args: argparse.Namespace, workers: int, tmp: Path) -> tuple[float, float]:
+    from pipeline.train.trainer import run_stage
+
+    params = _params(args, workers, args.threads / workers, tmp / f"ray{workers}")
+    t0 = time.perf_counter()
+    result = run_stage(
+        params,
+        args.stage,
+        out_dir=tmp / f"ray{workers}" / "out",
+        shards_dir=args.shards,
+        run_name=f"bench-{workers}-{time.time_ns()}",
+    )
+    wall = time.perf_counter() - t0
+    return _rates_from_mlflow(result.tracking, args.warmup), wall
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default=str(REPO / "params.yaml"))
+    ap.add_argument("--shards", default=str(REPO / "data" / "shards"))
+    ap.add_argument("--stage", default="cunet")
+    ap.add_argument("--generator", default="demo")
+    ap.add_argument("--discriminator", default=None)
+    ap.add_argument("--backend", choices=("dali", "torch"), default="dali")
+    ap.add_argument("--batch", type=int, default=16, help="global batch")
+    ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=30, help="timed iterations")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--window", type=int, default=10, help="iterations per throughput window")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--repeats", type=int, default=3, help="ceiling/full alternations")
+    ap.add_argument("--no-ray", action="store_true", help="skip the Ray runs")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.batch % 2:
+        ap.error("--batch must be even (it is split over 2 workers)")
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        # ceiling and full loop alternate, so that a change in the machine's load hits both
+        pairs = []
+        for r in range(args.repeats):
+            params = _params(args, 1, args.threads, tmp / f"rep{r}")
+            pairs.append((ceiling(args, params), full_loop(args, params, tmp / f"rep{r}")))
+        rows: dict[str, float] = {
+            "ceiling": statistics.median(c for c, _ in pairs),
+            "full": statistics.median(f for _, f in pairs),
+        }
+        pair_ratio = statistics.median(f / c for c, f in pairs)
+        walls: dict[str, float] = {}
+        if not args.no_ray:
+            for workers in (1, 2):
+                rows[f"ray-{workers}"], walls[f"ray-{workers}"] = ray_run(args, workers, tmp)
+
+    print(
+        f"\ntraining throughput: stage {args.stage}, generator {args.generator}, global batch "
+        f"{args.batch}, crop {args.crop}, loader {args.backend}, {args.threads} CPU thread(s), "
+        f"{args.iterations} timed iterations after {args.warmup}; ceiling/full: median of "
+        f"{args.repeats} alternating runs"
+    )
+    print(f"{'run':<10}{'samples/s':>12}{'vs ceiling':>12}{'wall s':>10}")
+    for name, rate in rows.items():
+        wall = f"{walls[name]:.1f}" if name in walls else ""
+        print(f"{name:<10}{rate:>12.1f}{rate / rows['ceiling']:>12.2f}{wall:>10}")
+    print(f"full / ceiling, median over adjacent pairs = {pair_ratio:.2f}")
+    if "ray-2" in rows:
+        print(f"ray-2 / ray-1 = {rows['ray-2'] / rows['ray-1']:.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "samples_per_s": rows,
+                    "wall_s": walls,
+                    "full_over_ceiling_pairs": pair_ratio,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Training checkpoints: exact round trips, no pickle, and an exact in-process resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline.checkpoint import load_generator
+from pipeline.config import parse_params
+from pipeline.train.loop import LocalSession, run_worker
+from pipeline.train.state import TrainStateError, load_train_state, tree_from_json, tree_to_json
+
+
+def test_tree_round_trip_keeps_int_keys_tuples_and_dtypes():
+    tree = {
+        "state": {
+            0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)},
+            7: {"m": torch.arange(4, dtype=torch.int64)},
+        },
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0, 7], "foreach": None}],
+        "rng": torch.get_rng_state(),
+    }
+    tensors: dict = {}
+    doc = json.loads(json.dumps(tree_to_json(tree, "opt", tensors)))
+    back = tree_from_json(doc, tensors)
+    assert set(back["state"]) == {0, 7}
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert back["state"][7]["m"].dtype == torch.int64
+    assert torch.equal(back["rng"], tree["rng"])
+    assert torch.equal(back["state"][0]["exp_avg"], tree["state"][0]["exp_avg"])
+    with pytest.raises(TrainStateError, match="cannot store"):
+        tree_to_json({"x": object()}, "p", {})
+
+
+def _config(tmp_path, stage="cunet", iterations=6, fault=None):
+    params = parse_params(
+        {
+            "base": {"pretrained": "random"},
+            "loader": {"batch_size": 4, "crop": 64},
+            "train_cunet": {
+                "generator": "tiny",
+                "iterations": iterations,
+                "checkpoint_every": 3,
+                "log_every": 3,
+                "schedule": {"milestones": [2], "every": None},
+            },
+            "train_cugan": {
+                "generator": "tiny",
+                "discriminator": "tiny",
+                "iterations": iterations,
+                "checkpoint_every": 3,
+                "log_every": 3,
+                "perceptual_layer": "conv2_2",
+            },
+        }
+    )
+    return {
+        "params": params.model_dump(mode="json"),
+        "stage": stage,
+        "data": {"kind": "synthetic", "num_samples": 12, "seed": 0},
+        "evalsets_dir": None,
+        "init_dir": None,
+        "tracking": {"mode": "local", "fallback_dir": str(tmp_path / "fb")},
+        "threads": 1,
+        "fault": fault,
+    }
+
+
+@pytest.mark.parametrize("stage", ["cunet", "cugan"])
+def test_resume_in_process_equals_uninterrupted(tmp_path, stage):
+    straight = LocalSession(tmp_path / "straight")
+    run_worker(_config(tmp_path, stage), straight)
+
+    cut = LocalSession(tmp_path / "cut")
+    run_worker(_config(tmp_path, stage, iterations=3), cut)  # stops at the checkpoint of it 3
+    resumed = LocalSession(tmp_path / "cut", resume=True)
+    run_worker(_config(tmp_path, stage), resumed)
+
+    a, b = load_train_state(straight.latest()), load_train_state(resumed.latest())
+    assert a.iteration == b.iteration == 6
+    for key in a.generator:
+        assert torch.equal(a.generator[key], b.generator[key]), key
+    if stage == "cugan":
+        assert all(torch.equal(a.discriminator[k], b.discriminator[k]) for k in a.discriminator)
+    assert torch.equal(
+        a.optimizers["g"]["state"][0]["exp_avg"], b.optimizers["g"]["state"][0]["exp_avg"]
+    )
+    assert a.loaders == b.loaders
+
+
+def test_checkpoint_directory_is_self_describing(tmp_path):
+    session = LocalSession(tmp_path / "run")
+    run_worker(_config(tmp_path, iterations=3), session)
+    ckpt = session.latest()
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "generator.json",
+        "generator.safetensors",
+        "train_state.json",
+        "train_state.safetensors",
+    ]
+    state = load_train_state(ckpt)
+    assert state.iteration == 3 and state.stage == "cunet" and state.world_size == 1
+    assert state.document["config"]["params"]["train_cunet"]["generator"] == "tiny"
+    assert state.loaders[0]["backend"] == "tensors"
+    # the LR schedule: milestone 2 -> iterations 3.. at half rate
+    assert state.optimizers["g"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
+    model, meta = load_generator(ckpt)  # what `cugan restore --model <dir>` does
+    assert meta["iteration"] == 3 and model.config.channels_per_scale == (4, 8, 8)
+    assert torch.equal(model.state_dict()["head.weight"], state.generator["head.weight"])
+    with pytest.raises(TrainStateError, match="not a training checkpoint"):
+        load_train_state(tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_optimizer_state_lands_on_the_gpu_after_resume(tmp_path):
+    from models.registry import build_generator
+    from pipeline.train.state import save_train_state
+
+    device = torch.device("cuda")
+    g = build_generator("tiny").to(device)
+    opt = torch.optim.Adam(g.parameters(), 1e-3)
+    g(torch.rand(1, 3, 16, 16, device=device), torch.rand(1, 2, device=device)).mean().backward()
+    opt.step()
+    save_train_state(
+        tmp_path,
+        iteration=1,
+        stage="cunet",
+        g=g,
+        d=None,
+        optimizers={"g": opt},
+        rng=[{"torch_cpu": torch.get_rng_state()}],
+        loaders=[None],
+        config={},
+        metadata={},
+    )
+    state = load_train_state(tmp_path)
+    fresh = build_generator("tiny").to(device)
+    opt2 = torch.optim.Adam(fresh.parameters(), 1e-3)
+    opt2.load_state_dict(state.optimizers["g"])
+    moments = [s["exp_avg"] for s in opt2.state.values()]
+    assert moments and all(m.device.type == "cuda" for m in moments)
+    # and the whole loop resumes on the GPU
+    session = LocalSession(tmp_path / "run", device=device)
+    run_worker(_config(tmp_path, iterations=3), session)
+    resumed = LocalSession(tmp_path / "run", device=device, resume=True)
+    assert run_worker(_config(tmp_path), resumed)["iteration"] == 6
+
+
+def test_fixed_degradation_baseline_trains_on_one_setting(tmp_path):
+    """The Unet/UGAN baselines: the same loop, every batch re-degraded at one (r, sigma)."""
+    from pipeline.data.loader import Batch
+    from pipeline.degradation import degrade
+    from pipeline.train.loop import _FixedDegradation
+    from pipeline.train.tensors import synthetic_samples
+
+    params = parse_params({"train_cunet": {"fixed_degradation": [2, 30]}})
+    fixed = _FixedDegradation((2.0, 30.0), params, seed=5, device=torch.device("cpu"))
+    degraded, clean, z = synthetic_samples(3, 32, seed=1)
+    out = fixed(Batch(degraded, clean, z))
+    expected = degrade(clean, [2.0] * 3, [30.0] * 3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out.degraded, expected) and torch.equal(out.clean, clean)
+    assert torch.equal(out.z, torch.tensor([[0.5, 0.6]]).expand(3, 2))
+
+    config = _config(tmp_path, iterations=3)
+    config["params"]["train_cunet"]["fixed_degradation"] = [2, 30]
+    session = LocalSession(tmp_path / "run")
+    assert run_worker(config, session)["iteration"] == 3
+    # its generator state is part of the checkpoint, so a resumed baseline draws the same noise
+    assert "fixed_degradation" in load_train_state(session.latest()).rng[0]

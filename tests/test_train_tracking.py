@@ -1,0 +1,160 @@
+"""MLflow tracking: parent/child runs in a local store, and training that survives a dead server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.config import TrackingParams, parse_params
+from pipeline.train.loop import LocalSession, run_worker
+from pipeline.train.tracking import (
+    RunLog,
+    TrackingTarget,
+    dvc_lock_tags,
+    flatten_params,
+    read_tracking_file,
+    start_stage_run,
+    write_tracking_file,
+)
+
+
+@pytest.fixture
+def dead_server(monkeypatch):
+    """An http:// URI on a port nothing listens on, with MLflow's HTTP retries off."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return f"http://127.0.0.1:{port}"
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_flatten_params_and_dvc_lock_tags(tmp_path):
+    assert flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": "x", "e": {}}) == {
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "x",
+        "e": "{}",
+    }
+    (tmp_path / "data" / "shards").mkdir(parents=True)
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  shards:\n    outs:\n"
+        "    - path: data/shards\n      md5: abc.dir\n"
+    )
+    assert dvc_lock_tags(
+        [tmp_path / "data" / "shards", tmp_path / "other"], tmp_path / "dvc.lock"
+    ) == {"dvc.data/shards": "abc.dir"}
+    assert dvc_lock_tags([tmp_path], tmp_path / "missing.lock") == {}
+
+
+def test_unreachable_server_at_start_falls_back_to_local(dead_server, tmp_path, caplog):
+    target = start_stage_run(TrackingParams(uri=dead_server), stage="train_cunet", out_dir=tmp_path)
+    assert target.mode == "local" and target.run_id is None
+    assert "unavailable" in caplog.text
+    log = RunLog(target)
+    log.log_metrics([(1, {"loss/mse": 0.5})])
+    assert _records(tmp_path / "mlflow-fallback" / "tracking.jsonl")[0]["data"][0]["step"] == 1
+
+
+def test_server_dying_mid_run_warns_once_and_keeps_everything(dead_server, tmp_path, caplog):
+    target = TrackingTarget(
+        mode="mlflow", uri=dead_server, run_id="0123", fallback_dir=str(tmp_path)
+    )
+    log = RunLog(target)
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.tracking"):
+        log.log_params({"a": "1"})
+        for step in range(1, 4):
+            log.log_metrics([(step, {"loss/mse": 1.0 / step})])
+        log.log_image(np.zeros((8, 8, 3), np.uint8), "modulation/grid.png")
+        log.finish()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and dead_server in warnings[0].getMessage()
+    assert log.fell_back
+    records = _records(tmp_path / "tracking.jsonl")
+    assert [r["kind"] for r in records] == [
+        "params",
+        "metrics",
+        "metrics",
+        "metrics",
+        "artifact",
+        "status",
+    ]
+    assert (tmp_path / "artifacts" / "modulation" / "grid.png").is_file()
+
+
+def test_training_does_not_die_when_the_server_is_gone(dead_server, tmp_path):
+    params = parse_params(
+        {
+            "loader": {"batch_size": 2, "crop": 32},
+            "train_cunet": {
+                "generator": "tiny",
+                "iterations": 4,
+                "log_every": 2,
+                "checkpoint_every": 4,
+            },
+        }
+    )
+    config = {
+        "params": params.model_dump(mode="json"),
+        "stage": "cunet",
+        "data": {"kind": "synthetic", "num_samples": 4, "seed": 0},
+        "evalsets_dir": None,
+        "init_dir": None,
+        "threads": 1,
+        "tracking": TrackingTarget(
+            mode="mlflow", uri=dead_server, run_id="0123", fallback_dir=str(tmp_path / "fb")
+        ).to_dict(),
+    }
+    metrics = run_worker(config, LocalSession(tmp_path / "run"))
+    assert metrics["iteration"] == 4
+    rows = [
+        row
+        for r in _records(tmp_path / "fb" / "tracking.jsonl")
+        if r["kind"] == "metrics"
+        for row in r["data"]
+    ]
+    assert [row["step"] for row in rows if "loss/mse" in row["metrics"]] == [1, 2, 3, 4]
+
+
+def test_parent_and_child_runs_in_a_local_store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CUGAN_MLFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = TrackingParams(uri="sqlite:///mlflow.db", experiment="t")
+    first = start_stage_run(
+        params, stage="train_cunet", out_dir=tmp_path / "a", tags={"git.commit": "x"}
+    )
+    assert first.mode == "mlflow" and first.uri == f"sqlite:///{tmp_path}/mlflow.db"
+    model_dir = tmp_path / "a" / "model"
+    model_dir.mkdir(parents=True)
+    write_tracking_file(model_dir, first, "train_cunet")
+    assert read_tracking_file(model_dir)["run_id"] == first.run_id
+    second = start_stage_run(
+        params, stage="train_cugan", out_dir=tmp_path / "b", init_dir=model_dir
+    )
+    assert second.parent_run_id == first.parent_run_id and second.run_id != first.run_id
+
+    client = MlflowClient(first.uri)
+    run = client.get_run(second.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == first.parent_run_id
+    assert client.get_run(first.run_id).data.tags["git.commit"] == "x"
+    exp = client.get_experiment(first.experiment_id)
+    assert exp.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    log = RunLog(second)
+    log.log_params(flatten_params({"train_cugan": {"weights": {"gan": 0.005}}}))
+    log.log_metrics([(s, {"loss/g_gan": 0.1 * s}) for s in range(1, 1501)])  # > one batch
+    log.finish()
+    run = client.get_run(second.run_id)
+    assert run.data.params["train_cugan.weights.gan"] == "0.005"
+    assert len(client.get_metric_history(second.run_id, "loss/g_gan")) == 1500
+    assert run.info.status == "FINISHED"
