@@ -19,11 +19,20 @@ $(STAMP): requirements.lock pyproject.toml
 repro: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 
+# Three pytest sessions, so that no test process mixes what must not share a process: the
+# in-process Ray instance (one per session, tests/conftest.py), the separate two-node cluster of
+# tests/test_infra_local.py, and the fork-based DataLoader workers of the loader tests.
+TESTS_RAY     := tests/test_flows.py tests/test_train_ray.py tests/test_train_stage.py
+TESTS_CLUSTER := tests/test_infra_local.py
+PYTEST        := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+
 test: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
+	$(PYTEST) $(addprefix --ignore=,$(TESTS_RAY) $(TESTS_CLUSTER))
+	$(PYTEST) $(TESTS_RAY)
+	$(PYTEST) $(TESTS_CLUSTER)
 
 test-fast: venv
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow" $(addprefix --ignore=,$(TESTS_RAY) $(TESTS_CLUSTER))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -463,6 +463,10 @@ def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
     with session.restored() as ckpt_dir:
         state = load_train_state(ckpt_dir) if ckpt_dir is not None else None
     start = _load_weights(g, d, state, config.get("init_dir"), stage_name)
+    if rank == 0 and state is not None:
+        log.info("train_%s: resuming from the checkpoint at iteration %d", stage_name, start)
+    elif rank == 0 and config.get("init_dir"):
+        log.info("train_%s: G starts from %s", stage_name, config["init_dir"])
     for module in (g, d, perceptual):
         if module is not None:
             module.to(device)
