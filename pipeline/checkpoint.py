@@ -44,9 +44,12 @@ __all__ = [
     "CheckpointError",
     "JSON_NAME",
     "TENSORS_NAME",
+    "describe_mismatch",
+    "file_sha256",
     "load_generator",
     "read_generator_document",
     "save_generator",
+    "summarise_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,12 +66,28 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or loaded as asked (one-line message)."""
 
 
-def _summarise(items: list[str], limit: int = 6) -> str:
+def summarise_keys(items: list[str], limit: int = 8) -> str:
+    """``[a, b, ... 3 more]``: key lists short enough for a one-line error."""
     shown = ", ".join(items[:limit])
     return f"[{shown}, ... {len(items) - limit} more]" if len(items) > limit else f"[{shown}]"
 
 
-def _sha256(path: Path) -> str:
+def describe_mismatch(**groups: list[str]) -> str:
+    """One-line summary of state-dict problems, e.g. ``missing [a, b]; shape mismatch [c ...]``.
+
+    Keyword names become the labels (underscores read as spaces); empty groups are left out, so
+    an empty string means "no problem". Shared by checkpoint loading and the official importer
+    so both report key mismatches the same way.
+    """
+    return "; ".join(
+        f"{label.replace('_', ' ')} {summarise_keys(items)}"
+        for label, items in groups.items()
+        if items
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -211,7 +230,7 @@ def read_generator_document(path: str | os.PathLike[str]) -> dict[str, Any]:
         expected = doc.get("tensors_sha256")
         if not isinstance(expected, str):
             raise CheckpointError(f"{sidecar}: missing 'tensors_sha256'")
-        if _sha256(tensors_path) != expected:
+        if file_sha256(tensors_path) != expected:
             raise CheckpointError(
                 f"{sidecar} does not describe {tensors_path.name} (sha256 differs): the pair was "
                 "mixed up or a write was interrupted"
@@ -241,17 +260,11 @@ def _check_tensors(tensors: Mapping[str, Tensor], model: Generator, where: str) 
         if tensors[k].shape != expected[k].shape
     ]
     not_float = sorted(k for k, v in tensors.items() if k in expected and not v.is_floating_point())
-    problems = []
-    if missing:
-        problems.append(f"missing {_summarise(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_summarise(unexpected)}")
-    if wrong:
-        problems.append(f"shape mismatch {_summarise(wrong)}")
-    if not_float:
-        problems.append(f"not floating point {_summarise(not_float)}")
+    problems = describe_mismatch(
+        missing=missing, unexpected=unexpected, shape_mismatch=wrong, not_floating_point=not_float
+    )
     if problems:
-        raise CheckpointError(f"{where}: tensors do not match the config: " + "; ".join(problems))
+        raise CheckpointError(f"{where}: tensors do not match the config: {problems}")
 
 
 def load_generator(

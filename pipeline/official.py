@@ -22,7 +22,6 @@ or given explicitly to check against.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -36,7 +35,13 @@ import torch
 from torch import Tensor
 
 from models.generator import Generator, GeneratorConfig
-from pipeline.checkpoint import CheckpointError, save_generator
+from pipeline.checkpoint import (
+    CheckpointError,
+    describe_mismatch,
+    file_sha256,
+    save_generator,
+    summarise_keys,
+)
 
 __all__ = [
     "OfficialImportError",
@@ -56,11 +61,6 @@ _BLOCK_KEY = re.compile(r"^CResBlocks_stage([123])_(left|right)\.(\d+)\.")
 
 class OfficialImportError(CheckpointError):
     """The authors' checkpoint cannot be read or mapped (one-line message)."""
-
-
-def _summarise(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return f"[{shown}, ... {len(items) - limit} more]" if len(items) > limit else f"[{shown}]"
 
 
 def _strip_module_prefix(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -84,12 +84,13 @@ def _check_flat(obj: Any, where: str) -> dict[str, Tensor]:
     if bad:
         nested = [repr(k) for k, v in obj.items() if isinstance(v, Mapping)]
         hint = (
-            f" (nested under {_summarise(nested)}: extract the generator's state dict first)"
+            f" (nested under {summarise_keys(nested)}: extract the generator's state dict first)"
             if nested
             else ""
         )
         raise OfficialImportError(
-            f"{where}: not a flat str -> Tensor state dict; offending keys {_summarise(bad)}{hint}"
+            f"{where}: not a flat str -> Tensor state dict; "
+            f"offending keys {summarise_keys(bad)}{hint}"
         )
     return dict(obj)
 
@@ -132,14 +133,14 @@ def infer_official_config(sd: Mapping[str, Tensor]) -> GeneratorConfig:
     missing = [k for k in _INFERENCE_KEYS if k not in sd]
     if missing:
         raise OfficialImportError(
-            f"official CUGAN state dict does not fit: missing {_summarise(missing)} (needed to "
+            f"official CUGAN state dict does not fit: missing {summarise_keys(missing)} (needed to "
             "infer the config)"
         )
     head, tail, out_scale, down2, down3 = (sd[k].shape for k in _INFERENCE_KEYS)
     if [len(head), len(tail), len(out_scale), len(down2), len(down3)] != [4, 4, 2, 4, 4]:
         raise OfficialImportError(
             "official CUGAN state dict does not fit: unexpected tensor ranks for "
-            f"{_summarise(list(_INFERENCE_KEYS))}"
+            f"{summarise_keys(list(_INFERENCE_KEYS))}"
         )
     blocks = [0] * OFFICIAL_SCALES
     for key in sd:
@@ -201,24 +202,12 @@ def convert_official_state_dict(
             official = f"{reverse.get(module, module)}.{leaf}"
             if official not in sd:
                 missing.append(official)
-    problems = []
-    if missing:
-        problems.append(f"missing {_summarise(sorted(missing))}")
-    if unexpected:
-        problems.append(f"unexpected {_summarise(sorted(unexpected))}")
-    if wrong:
-        problems.append(f"shape mismatch {_summarise(wrong)}")
+    problems = describe_mismatch(
+        missing=sorted(missing), unexpected=sorted(unexpected), shape_mismatch=wrong
+    )
     if problems:
-        raise OfficialImportError("official CUGAN state dict does not fit: " + "; ".join(problems))
+        raise OfficialImportError(f"official CUGAN state dict does not fit: {problems}")
     return converted
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_official_state_dict(pth_path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -255,7 +244,7 @@ def import_official(
     metadata = {
         "source": "official",
         "source_file": path.name,
-        "source_sha256": _sha256(path),
+        "source_sha256": file_sha256(path),
         "source_layout": "HaomingCai/CUGAN codes/models/archs/CUGAN_arch.py",
         "converted_keys": len(converted),
     }
