@@ -41,7 +41,7 @@ from pipeline.train.loop import LocalSession, run_worker, stage_params
 from pipeline.train.losses import GANLoss, PerceptualLoss
 from pipeline.train.steps import Nets, Optimizers, gan_step, mse_step
 from pipeline.train.tensors import synthetic_samples
-from pipeline.train.tracking import TrackingTarget
+from pipeline.tracking import TrackingTarget
 
 log = logging.getLogger("benchmarks.train")
 
@@ -117,7 +117,7 @@ def _window_rates(metric_rows: list[tuple[int, float]], warmup: int) -> float:
 
 
 def full_loop(args: argparse.Namespace, params: Params, tmp: Path) -> float:
-    from pipeline.train.tracking import RunLog, start_stage_run
+    from pipeline.tracking import RunLog, start_stage_run
 
     target = start_stage_run(params.tracking, stage=f"bench_{args.stage}", out_dir=tmp / "full")
     config = {

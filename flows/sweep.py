@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ def start_sweep_run_task(params: Params, tracking_uri: str, name: str) -> str:
     from mlflow.tracking import MlflowClient
 
     from pipeline.eval_report import ensure_experiment
-    from pipeline.train.tracking import flatten_params, git_tags
+    from pipeline.tracking import flatten_params, git_tags
 
     sp = params.sweep
     client = MlflowClient(tracking_uri)
@@ -87,20 +86,14 @@ def ray_sweep_task(
     """Connect to (or start) Ray and run the Tune sweep."""
     import ray
 
+    from pipeline.ray_runtime import cluster_address, ensure_ray
     from pipeline.train.trainer import available_cpus
 
     logger = get_run_logger()
-    started = False
-    if not ray.is_initialized():
-        address = params.sweep.ray_address or params.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            logger.info("connecting to the Ray cluster at %s", address)
-            ray.init(address=address)
-        else:
-            ray.init(
-                num_cpus=params.ray.local_num_cpus or available_cpus(), include_dashboard=False
-            )
-            started = True
+    address = cluster_address(params.sweep.ray_address or params.ray.address)
+    if address and not ray.is_initialized():
+        logger.info("connecting to the Ray cluster at %s", address)
+    started = ensure_ray(address, num_cpus=params.ray.local_num_cpus or available_cpus())
     try:
         return run_sweep(
             params,

@@ -27,15 +27,8 @@ import torch
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
-from pipeline.degradation import (
-    BLUR_MAX,
-    KERNEL_SIZE,
-    NOISE_MAX,
-    degrade,
-    levels_to_z,
-    to_tensor,
-    to_uint8,
-)
+from pipeline.condition import DEFAULT_SCALE
+from pipeline.degradation import KERNEL_SIZE, degrade, to_tensor, to_uint8
 from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageError, LoadedImage, read_rgb8, write_png
 from pipeline.inference import (
     InferenceError,
@@ -48,6 +41,9 @@ from pipeline.inference import (
 __all__ = ["build_parser", "main"]
 
 PROG = "cugan"
+# Help-text and degrade-command maxima: the method's scale (a checkpoint may record another).
+BLUR_MAX = DEFAULT_SCALE.blur_max
+NOISE_MAX = DEFAULT_SCALE.noise_max
 EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -305,7 +301,7 @@ def _condition(args: argparse.Namespace) -> torch.Tensor:
             raise ValueError(f"{missing} is missing: give both --blur and --noise (or --cond)")
         raise ValueError("no condition given: --blur R --noise S, or --cond Z1,Z2")
     blur, noise = _levels(args.blur, args.noise)
-    return levels_to_z(blur, noise)[0]
+    return DEFAULT_SCALE.to_z(blur, noise)[0]
 
 
 def _check_model_args(args: argparse.Namespace) -> None:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.condition import setting_key
+
 __all__ = [
     "ConfigError",
     "Params",
@@ -174,7 +176,7 @@ class EvalSetParams(_Section):
             raise ValueError("settings must list at least one (blur, noise) pair")
         if any(r < 0 or s < 0 for r, s in self.settings):
             raise ValueError(f"settings must be non-negative (got {list(self.settings)})")
-        names = [f"blur{r:g}_noise{s:g}" for r, s in self.settings]
+        names = [setting_key(r, s) for r, s in self.settings]
         if len(set(names)) != len(names):
             raise ValueError(f"settings lists a (blur, noise) pair twice (got {names})")
         return self

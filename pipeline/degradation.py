@@ -45,24 +45,18 @@ from torch import Tensor
 from pipeline.config import DegradationParams
 
 __all__ = [
-    "BLUR_MAX",
     "KERNEL_SIZE",
-    "NOISE_MAX",
     "blur",
     "degrade",
     "gaussian_kernel1d",
     "gaussian_kernel2d",
-    "levels_to_z",
     "quantize",
     "sample_levels",
     "to_tensor",
     "to_uint8",
-    "z_to_levels",
 ]
 
 KERNEL_SIZE = 21
-BLUR_MAX = 4.0
-NOISE_MAX = 50.0
 
 # MATLAB's eps (double precision), used by fspecial to zero negligible kernel entries.
 _MATLAB_EPS = float(np.finfo(np.float64).eps)
@@ -274,55 +268,6 @@ def degrade(
     if quantize:
         out = _quantize(out)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# condition vector
-
-
-def levels_to_z(
-    blur: LevelsLike,
-    noise: LevelsLike,
-    *,
-    blur_max: float = BLUR_MAX,
-    noise_max: float = NOISE_MAX,
-) -> Tensor:
-    """``z = [r / blur_max, sigma / noise_max]`` as a float32 ``[B, 2]`` tensor.
-
-    Raises ValueError for levels outside ``[0, blur_max]`` / ``[0, noise_max]``.
-    """
-    r = _as_levels(blur, None, "blur")
-    s = _as_levels(noise, None, "noise")
-    if r.shape[0] != s.shape[0]:
-        if min(r.shape[0], s.shape[0]) != 1:
-            raise ValueError(f"{r.shape[0]} blur levels but {s.shape[0]} noise levels")
-        r, s = torch.broadcast_tensors(r, s)
-    if bool((r > blur_max).any()):
-        raise ValueError(f"blur level above blur_max={blur_max:g} (got {r.max().item():g})")
-    if bool((s > noise_max).any()):
-        raise ValueError(f"noise level above noise_max={noise_max:g} (got {s.max().item():g})")
-    return torch.stack([r / blur_max, s / noise_max], dim=1).to(torch.float32)
-
-
-def z_to_levels(
-    z: Tensor | Sequence[Sequence[float]] | np.ndarray,
-    *,
-    blur_max: float = BLUR_MAX,
-    noise_max: float = NOISE_MAX,
-) -> tuple[Tensor, Tensor]:
-    """Inverse of :func:`levels_to_z`: ``[B, 2]`` (or ``[2]``) z in [0, 1] -> (blur[B], noise[B]).
-
-    Returned as float64 so that ``levels -> z -> levels`` round-trips grid values exactly
-    enough to be rounded back onto the grid by the caller.
-    """
-    t = torch.as_tensor(z.detach().cpu() if isinstance(z, Tensor) else z, dtype=torch.float64)
-    if t.ndim == 1:
-        t = t[None]
-    if t.ndim != 2 or t.shape[1] != 2:
-        raise ValueError(f"z must have shape [B, 2] (got {tuple(t.shape)})")
-    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or bool((t > 1).any()):
-        raise ValueError(f"z entries must lie in [0, 1] (got {t.tolist()})")
-    return t[:, 0] * blur_max, t[:, 1] * noise_max
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ def training_run_id(
     spec: ModelSpec, meta: Mapping[str, Any], tracking_uri: str | None
 ) -> str | None:
     """The MLflow run the training stage recorded for this checkpoint, if it is in this store:
-    ``tracking.json`` beside the checkpoint (pipeline.train.tracking), else ``mlflow_run_id`` in
+    ``tracking.json`` beside the checkpoint (pipeline.tracking), else ``mlflow_run_id`` in
     the checkpoint metadata."""
     tracking_file = (spec.path if spec.path.is_dir() else spec.path.parent) / "tracking.json"
     try:

@@ -43,7 +43,9 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Params
-from pipeline.paper import PAPER_TABLES, PaperTable, setting_key
+from pipeline.condition import parse_setting_key as _parse_setting_key
+from pipeline.condition import setting_key
+from pipeline.paper import PAPER_TABLES, PaperTable
 
 __all__ = [
     "DEFAULT_MODEL_SPECS",
@@ -88,19 +90,16 @@ DEFAULT_MODEL_SPECS = (
     "cugan:gan:runs/train_cugan/model",
 )
 
-_SETTING_RE = re.compile(r"^blur(?P<blur>\d+(?:\.\d+)?)_noise(?P<noise>\d+(?:\.\d+)?)$")
-
-
 class EvalError(ValueError):
     """Evaluation cannot run as asked (missing set, setting or model); one-line message."""
 
 
 def parse_setting_key(key: str) -> tuple[float, float]:
     """``"blur2_noise30"`` -> ``(2.0, 30.0)``; EvalError for anything else."""
-    m = _SETTING_RE.match(key)
-    if m is None:
-        raise EvalError(f"not a setting name: {key!r} (expected e.g. blur2_noise30)")
-    return float(m["blur"]), float(m["noise"])
+    try:
+        return _parse_setting_key(key)
+    except ValueError as err:
+        raise EvalError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +291,11 @@ def discover_baselines(directory: str | os.PathLike[str] | None, kind: Kind) -> 
     name = "unet" if kind == "mse" else "ugan"
     specs = []
     for sub in sorted(Path(directory).iterdir()):
-        if not (sub.is_dir() and _SETTING_RE.match(sub.name)):
+        if not sub.is_dir():
+            continue
+        try:
+            setting = parse_setting_key(sub.name)
+        except EvalError:
             continue
         ckpt = next((d for d in (sub, sub / "model") if (d / "generator.json").is_file()), None)
         if ckpt is not None:
@@ -301,7 +304,7 @@ def discover_baselines(directory: str | os.PathLike[str] | None, kind: Kind) -> 
                     name=f"{name}-{sub.name}",
                     kind=kind,
                     path=ckpt,
-                    setting=parse_setting_key(sub.name),
+                    setting=setting,
                 )
             )
     return specs
@@ -358,15 +361,15 @@ def evaluate_images(
 ) -> list[ScoreRow]:
     """Restore and score every image of ``eval_set`` for each of ``settings`` (with the
     suite's metrics, or ``metric_names`` of them)."""
-    from pipeline.degradation import levels_to_z, to_tensor
+    from pipeline.condition import ConditionScale
+    from pipeline.degradation import to_tensor
     from pipeline.imageio import read_rgb8
     from pipeline.inference import restore
 
     rows: list[ScoreRow] = []
     clean_cache: dict[str, np.ndarray] = {}
     for setting in settings:
-        z = levels_to_z(setting[0], setting[1], blur_max=blur_max, noise_max=noise_max)
-        z = torch.as_tensor(z, dtype=torch.float32).reshape(1, -1)
+        z = ConditionScale(blur_max, noise_max).to_z(setting[0], setting[1])
         for image in eval_set.images:
             if image not in clean_cache:
                 clean_cache[image] = read_rgb8(eval_set.gt_path(image)).array
@@ -697,6 +700,6 @@ def run_evaluation(
 def mlflow_uri(params: Params) -> str:
     """The tracking store the training stages use ($MLFLOW_TRACKING_URI, else
     ``tracking.uri`` made absolute): evaluation logs next to the runs it evaluates."""
-    from pipeline.train.tracking import resolve_tracking_uri
+    from pipeline.tracking import resolve_tracking_uri
 
     return resolve_tracking_uri(params.tracking)

@@ -29,7 +29,7 @@ import torch
 
 from pipeline.atomic import atomic_write_text
 from pipeline.config import Params
-from pipeline.paper import setting_key
+from pipeline.condition import setting_key
 
 if TYPE_CHECKING:
     from models.generator import Generator
@@ -94,13 +94,9 @@ def make_figure_input(
 
 
 def _z(blur: float, noise: float, params: Params) -> torch.Tensor:
-    from pipeline.degradation import levels_to_z
+    from pipeline.condition import ConditionScale
 
-    d = params.degradation
-    return torch.as_tensor(
-        levels_to_z([blur], [noise], blur_max=d.blur_max, noise_max=d.noise_max),
-        dtype=torch.float32,
-    ).reshape(1, -1)
+    return ConditionScale.from_params(params.degradation).to_z(blur, noise)
 
 
 def modulation_grid(

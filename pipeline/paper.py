@@ -27,19 +27,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipeline.condition import setting_key
+
 __all__ = [
     "PAPER_TABLES",
     "PaperTable",
     "TABLE1_DISTS_LIVE1",
     "TABLE1_LIVE1",
     "TABLE2_CBSD68",
-    "setting_key",
 ]
-
-
-def setting_key(blur: float, noise: float) -> str:
-    """The name of a (blur r, noise sigma) setting everywhere in the pipeline: ``blur2_noise30``."""
-    return f"blur{float(blur):g}_noise{float(noise):g}"
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ with the profile and the variant's overrides applied, then:
 
 MLflow: one *sweep* run; each trial is a child run of it (``mlflow.parentRunId``) holding the
 variant's flattened params and its evaluation; the training stages of a trial are children of
-the trial run (``$CUGAN_MLFLOW_PARENT_RUN_ID``, pipeline.train.tracking). Trials never register
+the trial run (``$CUGAN_MLFLOW_PARENT_RUN_ID``, pipeline.tracking). Trials never register
 models: ablation models must not compete for the ``champion`` alias.
 
 The variants (``sweep.variants``): ``cugan-1`` / ``cugan-2`` / ``cugan-3`` (1, 2 or 3 scales, 12
@@ -130,7 +130,7 @@ def ablation_trial(config: dict[str, Any]) -> None:
 
     from pipeline.eval_report import log_report_to_mlflow, write_report
     from pipeline.evaluation import ModelSpec, evaluate_models
-    from pipeline.train.tracking import PARENT_ENV, flatten_params
+    from pipeline.tracking import PARENT_ENV, flatten_params
     from pipeline.train.trainer import run_stage
 
     params = parse_params(config["params"], source=f"trial {config['variant']}")

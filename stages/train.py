@@ -8,7 +8,7 @@
 
 All settings come from params.yaml (``train_<stage>``, ``loader``, ``degradation``, ``base``,
 ``ray``, ``tracking``); paths come from dvc.yaml. A bad config fails in one line before Ray
-starts. See pipeline/train/trainer.py for the outputs and pipeline/train/tracking.py for MLflow.
+starts. See pipeline/train/trainer.py for the outputs and pipeline/tracking.py for MLflow.
 """
 
 from __future__ import annotations

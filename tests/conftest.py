@@ -1,6 +1,7 @@
 """Shared fixtures.
 
-``ray_session``: ONE local Ray instance for the whole test session (``num_cpus=2``, no
+``ray_session``: ONE private local Ray instance (``address="local"``, never a cluster that
+happens to run on the machine) for the whole test session (``num_cpus=2``, no
 dashboard), shared by every test that needs Ray; started on first use, shut down at the end.
 Tests must not call ``ray.init``/``ray.shutdown`` themselves.
 """
@@ -13,10 +14,9 @@ import pytest
 @pytest.fixture(scope="session")
 def ray_session():
     ray = pytest.importorskip("ray")
-    started = False
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
-        started = True
+    from pipeline.ray_runtime import ensure_ray
+
+    started = ensure_ray(None, num_cpus=2)
     yield ray
     if started:
         ray.shutdown()

@@ -13,9 +13,9 @@ import torch
 
 from pipeline.checkpoint import save_generator
 from pipeline.config import Params, parse_params
-from pipeline.degradation import degrade, levels_to_z, to_tensor, to_uint8
+from pipeline.condition import DEFAULT_SCALE, setting_key
+from pipeline.degradation import degrade, to_tensor, to_uint8
 from pipeline.imageio import write_png
-from pipeline.paper import setting_key
 
 SETTINGS = ((0.0, 15.0), (2.0, 30.0))
 SET_NAME = "tiny"
@@ -55,7 +55,7 @@ def make_eval_set(
                     "file": f"{setting_key(r, s)}/{image}",
                     "blur": r,
                     "noise": s,
-                    "z": levels_to_z([r], [s])[0].tolist(),
+                    "z": DEFAULT_SCALE.to_z([r], [s])[0].tolist(),
                 }
             )
     (root / name / "manifest.json").write_text(json.dumps({"files": files}))

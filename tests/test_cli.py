@@ -17,7 +17,8 @@ from models.generator import GeneratorConfig
 from models.registry import build_generator
 from pipeline.checkpoint import save_generator
 from pipeline.cli import main
-from pipeline.degradation import degrade, levels_to_z, to_tensor, to_uint8
+from pipeline.condition import DEFAULT_SCALE
+from pipeline.degradation import degrade, to_tensor, to_uint8
 from pipeline.imageio import read_rgb8, write_png
 from pipeline.inference import load_model_for_inference, restore
 
@@ -101,7 +102,7 @@ def test_restore_with_levels_equals_the_library(capsys, tmp_path, rgb_png, ckpt)
     assert code == 0, err
     assert "wrote" in err and stdout == ""
     model = load_model_for_inference(ckpt["mse"])
-    expected = restore(model, _rgb(), levels_to_z(2, 30)[0])
+    expected = restore(model, _rgb(), DEFAULT_SCALE.to_z(2, 30)[0])
     np.testing.assert_array_equal(read_rgb8(out).array, expected)
 
 

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import pipeline.data.evalsets as evalsets_mod
+from pipeline.condition import setting_key
 from pipeline.config import DegradationParams, EvalSetParams
 from pipeline.data.evalsets import (
     EvalSetError,
@@ -19,7 +20,6 @@ from pipeline.data.evalsets import (
     collect_images,
     image_seed,
     load_sha256_list,
-    setting_name,
 )
 from pipeline.data.prepare import prepare_images
 from pipeline.data.sources import folder_images, sha256_file
@@ -44,7 +44,7 @@ def prepared(tmp_path):
     (1.0, 15.0, "blur1_noise15"),
 ])
 def test_setting_names(r, s, name):
-    assert setting_name(r, s) == name
+    assert setting_key(r, s) == name
 
 
 def test_image_seed_depends_on_every_part():

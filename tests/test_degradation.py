@@ -18,12 +18,10 @@ from pipeline.degradation import (
     degrade,
     gaussian_kernel1d,
     gaussian_kernel2d,
-    levels_to_z,
     quantize,
     sample_levels,
     to_tensor,
     to_uint8,
-    z_to_levels,
 )
 
 SIGMAS = [0.0, 0.1, 0.3, 0.5, 1.0, 1.7, 2.0, 3.3, 4.0]
@@ -293,41 +291,6 @@ def test_degrade_cpu_generator_same_noise_on_cuda() -> None:
     gpu = degrade(img.cuda(), *levels, generator=torch.Generator().manual_seed(5), **kwargs)
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-12)
-
-
-# ---------------------------------------------------------------------------------------------
-# z encoding
-
-
-def test_levels_z_round_trip_and_paper_settings() -> None:
-    blur_levels = [0, 0, 2, 4, 1, 1, 2, 2, 4, 4]
-    noise_levels = [30, 50, 0, 0, 15, 30, 30, 50, 30, 50]
-    z = levels_to_z(blur_levels, noise_levels)
-    assert z.shape == (10, 2) and z.dtype == torch.float32
-    torch.testing.assert_close(z[4], torch.tensor([0.25, 0.3]))
-    torch.testing.assert_close(z[1], torch.tensor([0.0, 1.0]))
-    r, s = z_to_levels(z)
-    torch.testing.assert_close(r, torch.tensor(blur_levels, dtype=torch.float64), atol=1e-6, rtol=0)
-    torch.testing.assert_close(s, torch.tensor(noise_levels, dtype=torch.float64),
-                               atol=1e-5, rtol=0)
-    # broadcasting one level against many, and custom maxima
-    assert levels_to_z(2.0, [0.0, 25.0]).tolist() == [[0.5, 0.0], [0.5, 0.5]]
-    assert levels_to_z(1.0, 10.0, blur_max=2.0, noise_max=20.0).tolist() == [[0.5, 0.5]]
-
-
-@pytest.mark.parametrize(("r", "s", "msg"), [
-    (4.1, 0.0, "blur_max"), (0.0, 50.5, "noise_max"), (-0.1, 0.0, ">= 0"),
-    (0.0, -1.0, ">= 0"), (float("nan"), 0.0, "finite"),
-])
-def test_levels_to_z_range_errors(r: float, s: float, msg: str) -> None:
-    with pytest.raises(ValueError, match=msg):
-        levels_to_z(r, s)
-
-
-@pytest.mark.parametrize("z", [[1.2, 0.0], [0.0, -0.1], [[0.1, 0.2, 0.3]], [float("nan"), 0.0]])
-def test_z_to_levels_range_errors(z: list) -> None:
-    with pytest.raises(ValueError, match="z"):
-        z_to_levels(torch.tensor(z))
 
 
 # ---------------------------------------------------------------------------------------------

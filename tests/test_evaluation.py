@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline import paper
-from pipeline.degradation import levels_to_z, to_tensor
+from pipeline.condition import DEFAULT_SCALE
+from pipeline.degradation import to_tensor
 from pipeline.eval_report import log_report_to_mlflow, render_tables, report_text, write_report
 from pipeline.evaluation import (
     EvalError,
@@ -161,7 +162,7 @@ def test_mse_metrics_equal_direct_calls(tiny_case, crop_border):
         r, s = parse_setting_key(row.setting)
         degraded = read_rgb8(root / "tiny" / row.setting / row.image).array
         clean = to_tensor(read_rgb8(root / "tiny" / "gt" / row.image).array)
-        out = to_tensor(restore(model, degraded, levels_to_z([r], [s])))
+        out = to_tensor(restore(model, degraded, DEFAULT_SCALE.to_z([r], [s])))
         for name, fn, y in (
             ("psnr_rgb", psnr, False),
             ("psnr_y", psnr, True),
@@ -193,7 +194,7 @@ def test_gan_metrics_equal_direct_calls_and_are_labelled_random(tiny_case):
     r, s = parse_setting_key(row.setting)
     degraded = read_rgb8(root / "tiny" / row.setting / row.image).array
     clean = to_tensor(read_rgb8(root / "tiny" / "gt" / row.image).array)
-    out = to_tensor(restore(model, degraded, levels_to_z([r], [s])))
+    out = to_tensor(restore(model, degraded, DEFAULT_SCALE.to_z([r], [s])))
     assert row.scores["lpips"] == pytest.approx(float(lp(out, clean)[0]), rel=1e-6)
     assert set(row.scores) == {"lpips", "psnr_rgb"}
     # Labelled everywhere: label, info JSON, tables.
@@ -320,7 +321,7 @@ def test_log_report_to_mlflow(tmp_path, monkeypatch):
     uri = evalkit.sqlite_uri(tmp_path)
     client = MlflowClient(uri)
     train_run = client.create_run(client.create_experiment("cugan"), run_name="train_cunet")
-    # The training stage records its run beside the checkpoint (pipeline.train.tracking).
+    # The training stage records its run beside the checkpoint (pipeline.tracking).
     model_dir = tmp_path / "train_cunet" / "model"
     model_dir.mkdir(parents=True)
     (model_dir / "tracking.json").write_text(

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.degradation import levels_to_z, to_tensor
+from pipeline.condition import DEFAULT_SCALE
+from pipeline.degradation import to_tensor
 from pipeline.evaluation import ModelSpec
 from pipeline.figures import (
     alpha_strip,
@@ -82,7 +83,7 @@ def test_grid_cells_are_restorations_with_their_z(fig_input, params):
     assert sorted(grid) == [(b, n) for b in (0.0, 2.0, 4.0) for n in (0.0, 30.0)]
     for (b, n), img in grid.items():
         np.testing.assert_array_equal(
-            img, restore(model, fig_input.degraded, levels_to_z([b], [n]))
+            img, restore(model, fig_input.degraded, DEFAULT_SCALE.to_z([b], [n]))
         )
     assert not np.array_equal(grid[(0.0, 0.0)], grid[(4.0, 30.0)])  # z does steer the model
 
@@ -90,7 +91,7 @@ def test_grid_cells_are_restorations_with_their_z(fig_input, params):
 def test_alpha_strip_ends_are_the_two_models(fig_input, params):
     mse, gan = evalkit.tiny_generator(seed=1), evalkit.tiny_generator(seed=2)
     strip = alpha_strip(mse, gan, fig_input, [0.0, 0.5, 1.0], params)
-    z = levels_to_z([2.0], [30.0])
+    z = DEFAULT_SCALE.to_z([2.0], [30.0])
     np.testing.assert_array_equal(strip[0], restore(gan, fig_input.degraded, z))
     np.testing.assert_array_equal(strip[2], restore(mse, fig_input.degraded, z))
     assert strip[1].shape == fig_input.degraded.shape

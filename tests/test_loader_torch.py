@@ -28,7 +28,8 @@ from pipeline.data.torch_loader import (
     read_index,
     read_sample_table,
 )
-from pipeline.degradation import degrade, levels_to_z, sample_levels
+from pipeline.condition import DEFAULT_SCALE
+from pipeline.degradation import degrade, sample_levels
 
 SIZE, CROP = 24, 16
 
@@ -94,7 +95,7 @@ def test_batch_is_exactly_the_reference_pipeline(shards):
     degraded = degrade(clean, blur, noise, generator=gen)
     assert torch.equal(got.clean, clean)
     assert torch.equal(got.degraded, degraded)
-    assert torch.equal(got.z, levels_to_z(blur, noise))
+    assert torch.equal(got.z, DEFAULT_SCALE.to_z(blur, noise))
 
 
 def test_patches_come_from_their_samples(shards):

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import TrackingParams, parse_params
 from pipeline.train.loop import LocalSession, run_worker
-from pipeline.train.tracking import (
+from pipeline.tracking import (
     RunLog,
     TrackingTarget,
     dvc_lock_tags,
@@ -71,7 +71,7 @@ def test_server_dying_mid_run_warns_once_and_keeps_everything(dead_server, tmp_p
         mode="mlflow", uri=dead_server, run_id="0123", fallback_dir=str(tmp_path)
     )
     log = RunLog(target)
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
         log.log_params({"a": "1"})
         for step in range(1, 4):
             log.log_metrics([(step, {"loss/mse": 1.0 / step})])

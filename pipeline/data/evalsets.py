@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_write_json, staging_dir
+from pipeline.condition import setting_key
 from pipeline.config import DegradationParams, EvalSetParams
 from pipeline.data.prepare import read_manifest
 from pipeline.data.report import StageReport, progress
@@ -40,7 +41,6 @@ __all__ = [
     "collect_images",
     "image_seed",
     "load_sha256_list",
-    "setting_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,9 @@ class EvalSetError(ValueError):
     """An evaluation set cannot be built as configured (one-line message)."""
 
 
-def setting_name(blur: float, noise: float) -> str:
-    return f"blur{float(blur):g}_noise{float(noise):g}"
-
-
 def image_seed(seed: int, set_name: str, image: str, blur: float, noise: float) -> int:
     """A 63-bit generator seed for one (set, image, setting), independent of all others."""
-    text = f"{seed}/{set_name}/{image}/{setting_name(blur, noise)}"
+    text = f"{seed}/{set_name}/{image}/{setting_key(blur, noise)}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
@@ -130,7 +126,7 @@ def build_evalset(
     settings = [(float(r), float(s)) for r, s in params.settings]
     (out_dir / "gt").mkdir()
     for r, s in settings:
-        (out_dir / setting_name(r, s)).mkdir()
+        (out_dir / setting_key(r, s)).mkdir()
     entries: list[dict[str, Any]] = []
     files: list[dict[str, Any]] = []
     for name, path, shown in progress(images, total=len(images), description=set_name):
@@ -154,10 +150,10 @@ def build_evalset(
         for r, s in settings:
             gen = torch.Generator().manual_seed(image_seed(params.seed, set_name, name, r, s))
             degraded = degrade(clean, r, s, generator=gen, kernel_size=degradation.kernel_size)
-            rel = f"{setting_name(r, s)}/{name}.png"
+            rel = f"{setting_key(r, s)}/{name}.png"
             written = write_png(out_dir / rel, to_uint8(degraded))
             files.append({
-                "image": name, "setting": setting_name(r, s), "path": rel, "gt": f"gt/{name}.png",
+                "image": name, "setting": setting_key(r, s), "path": rel, "gt": f"gt/{name}.png",
                 "blur": r, "noise": s,
                 "z": [r / degradation.blur_max, s / degradation.noise_max],
                 "sha256": sha256_file(written),
@@ -169,7 +165,7 @@ def build_evalset(
         "seed": params.seed,
         "kernel_size": degradation.kernel_size,
         "settings": [
-            {"name": setting_name(r, s), "blur": r, "noise": s,
+            {"name": setting_key(r, s), "blur": r, "noise": s,
              "z": [r / degradation.blur_max, s / degradation.noise_max]}
             for r, s in settings
         ],

@@ -39,7 +39,8 @@ from pipeline.data.loader import (
     position,
     shard_range,
 )
-from pipeline.degradation import degrade, levels_to_z, sample_levels
+from pipeline.condition import ConditionScale
+from pipeline.degradation import degrade, sample_levels
 
 __all__ = [
     "SampleTable",
@@ -212,7 +213,7 @@ class _EpochBatches(Dataset):
         deg = self.degradation
         blur, noise = sample_levels(len(patches), gen, deg)
         degraded = degrade(clean, blur, noise, generator=gen, kernel_size=deg.kernel_size)
-        z = levels_to_z(blur, noise, blur_max=deg.blur_max, noise_max=deg.noise_max)
+        z = ConditionScale.from_params(deg).to_z(blur, noise)
         return Batch(degraded, clean, z)
 
     def __getstate__(self) -> dict[str, Any]:  # open descriptors do not travel to workers

@@ -8,7 +8,7 @@ Modules, in the order data flows through them:
 * :mod:`~pipeline.train.state`     -- training checkpoints (safetensors + JSON, never pickle).
 * :mod:`~pipeline.train.tensors`   -- a loader over pre-made tensors (tests, benchmark ceiling).
 * :mod:`~pipeline.train.validation`-- PSNR per setting and the modulation grid while training.
-* :mod:`~pipeline.train.tracking`  -- MLflow runs, with a local JSONL fallback.
+* :mod:`~pipeline.tracking`  -- MLflow runs, with a local JSONL fallback.
 * :mod:`~pipeline.train.loop`      -- ``train_loop_per_worker(config)``, run by Ray on each worker.
 * :mod:`~pipeline.train.trainer`   -- checks the config, builds the ``TorchTrainer``, runs a stage.
 * :mod:`~pipeline.train.pyfunc`    -- the MLflow pyfunc model (image, z, alpha -> image).

@@ -48,7 +48,8 @@ from torch import Tensor, nn
 from models.registry import build_discriminator, build_generator
 from pipeline.config import Params, TrainStageParams, parse_params
 from pipeline.data.loader import Batch, TrainLoader, build_train_loader
-from pipeline.degradation import degrade, levels_to_z
+from pipeline.condition import ConditionScale
+from pipeline.degradation import degrade
 from pipeline.train.losses import GANLoss, PerceptualLoss
 from pipeline.train.schedules import lr_at
 from pipeline.train.state import (
@@ -60,7 +61,7 @@ from pipeline.train.state import (
 )
 from pipeline.train.steps import Nets, Optimizers, gan_step, mse_step, unwrap
 from pipeline.train.tensors import TensorLoader, synthetic_samples
-from pipeline.train.tracking import RunLog, TrackingTarget
+from pipeline.tracking import RunLog, TrackingTarget
 
 __all__ = [
     "InjectedFault",
@@ -280,10 +281,8 @@ class _FixedDegradation:
     ) -> None:
         self.levels = levels
         self.kernel_size = params.degradation.kernel_size
-        d = params.degradation
-        self.z = levels_to_z(
-            [levels[0]], [levels[1]], blur_max=d.blur_max, noise_max=d.noise_max
-        ).to(device)
+        scale = ConditionScale.from_params(params.degradation)
+        self.z = scale.to_z(levels[0], levels[1]).to(device)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, batch: Batch) -> Batch:

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, Params, TrainStageParams
-from pipeline.train.loop import stage_params, train_loop_per_worker
-from pipeline.train.tracking import (
+from pipeline.ray_runtime import cluster_address, ensure_ray
+from pipeline.tracking import (
     TRACKING_ERRORS,
     RunLog,
     TrackingTarget,
@@ -43,6 +43,7 @@ from pipeline.train.tracking import (
     start_stage_run,
     write_tracking_file,
 )
+from pipeline.train.loop import stage_params, train_loop_per_worker
 
 __all__ = ["StageFailed", "StageResult", "available_cpus", "check_stage", "run_stage"]
 
@@ -71,10 +72,6 @@ def available_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def _cluster_address(params: Params) -> str | None:
-    return params.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +132,7 @@ def check_stage(
             f"loader.batch_size: the global batch {loader.batch_size} is not "
             f"divisible by ray.num_workers={rp.num_workers}"
         )
-    if _cluster_address(params) is None:
+    if cluster_address(params.ray.address) is None:
         cpus = rp.local_num_cpus or available_cpus()
         need = rp.num_workers * rp.cpus_per_worker
         if need > cpus:
@@ -259,21 +256,6 @@ def _digest(
     return h.hexdigest()[:12]
 
 
-def _ensure_ray(params: Params) -> bool:
-    """Connect to the cluster, or start a local instance; True if this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = _cluster_address(params)
-    if address:
-        log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=params.ray.local_num_cpus or available_cpus(), include_dashboard=False)
-    return True
-
-
 def _use_gpu(params: Params) -> bool:
     import ray
 
@@ -373,7 +355,7 @@ def run_stage(
         "threads": max(1, int(params.ray.cpus_per_worker)),
         "fault": fault,
     }
-    started = _ensure_ray(params)
+    started = ensure_ray(params.ray.address, num_cpus=params.ray.local_num_cpus or available_cpus())
     t0 = time.perf_counter()
     try:
         use_gpu = _use_gpu(params)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from pipeline.config import Params, TrainStageParams
-from pipeline.degradation import levels_to_z, to_tensor
+from pipeline.condition import ConditionScale
+from pipeline.degradation import to_tensor
 from pipeline.imageio import read_rgb8
 from pipeline.inference import restore
 from pipeline.metrics import psnr
@@ -94,8 +95,7 @@ class ValidationSet:
 
 
 def _z(setting: Setting, params: Params) -> torch.Tensor:
-    d = params.degradation
-    return levels_to_z([setting[0]], [setting[1]], blur_max=d.blur_max, noise_max=d.noise_max)
+    return ConditionScale.from_params(params.degradation).to_z(setting[0], setting[1])
 
 
 def _crop(image: np.ndarray, size: int, multiple: int) -> np.ndarray:
