@@ -4,8 +4,15 @@ Layout of ``out_dir``::
 
     generator.safetensors   the state dict of G + C_G (float tensors, CPU, contiguous)
     generator.json          {"format": "cugan-generator", "version": 1,
-                             "config": {...GeneratorConfig...}, "metadata": {...free-form...},
+                             "config": {...GeneratorConfig...},
+                             "condition_scale": {"blur_max": 4.0, "noise_max": 50.0},
+                             "metadata": {...free-form...},
                              "software": {...}, "tensors_sha256": "<sha256 of the .safetensors>"}
+
+``condition_scale`` is the z scale the model was trained with (:mod:`pipeline.condition`):
+every caller that turns blur/noise levels into z for this model reads it from here, so a model
+trained under a profile with other maxima is never driven with the method's default scale.
+Checkpoints written before the key existed load with the method's scale (4, 50) and a note.
 
 The same JSON document (without ``tensors_sha256``, which cannot hash its own file) is stored in
 the safetensors header, so a ``.safetensors`` file copied on its own still loads. When both are
@@ -26,6 +33,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -37,15 +45,18 @@ from torch import Tensor, nn
 
 from models.generator import Generator, GeneratorConfig
 from pipeline.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.condition import DEFAULT_SCALE, ConditionScale
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
     "JSON_NAME",
+    "LoadedGenerator",
     "TENSORS_NAME",
     "describe_mismatch",
     "file_sha256",
+    "load_checkpoint",
     "load_generator",
     "read_generator_document",
     "save_generator",
@@ -64,6 +75,16 @@ HEADER_KEY = "cugan_generator"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or loaded as asked (one-line message)."""
+
+
+@dataclass(frozen=True)
+class LoadedGenerator:
+    """A loaded checkpoint: the generator (eval mode), its free-form metadata and its z scale."""
+
+    model: Generator
+    metadata: dict[str, Any]
+    scale: ConditionScale
+    path: Path
 
 
 def summarise_keys(items: list[str], limit: int = 8) -> str:
@@ -117,13 +138,21 @@ def _unwrap(model: nn.Module) -> Generator:
 
 
 def save_generator(
-    out_dir: str | os.PathLike[str], model: nn.Module, *, metadata: dict[str, Any]
+    out_dir: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    metadata: dict[str, Any],
+    scale: ConditionScale = DEFAULT_SCALE,
 ) -> Path:
     """Write ``out_dir/generator.safetensors`` and ``out_dir/generator.json``; returns ``out_dir``.
 
     ``metadata`` is free-form JSON (e.g. source, iteration, whether backbones were random).
+    ``scale`` is the z scale the model was trained with (training passes
+    ``ConditionScale.from_params(params.degradation)``; the authors' weights use the default).
     DDP / compiled wrappers are unwrapped: the plain module is what gets saved.
     """
+    if not isinstance(scale, ConditionScale):
+        raise CheckpointError(f"scale must be a ConditionScale (got {type(scale).__name__})")
     gen = _unwrap(model)
     try:
         json.dumps(metadata, allow_nan=False)
@@ -135,6 +164,7 @@ def save_generator(
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": gen.config.to_dict(),
+        "condition_scale": scale.to_dict(),
         "metadata": metadata,
         "software": _software(),
     }
@@ -207,10 +237,27 @@ def _validate_document(doc: Mapping[str, Any], where: str) -> GeneratorConfig:
         raise CheckpointError(
             f"{where}: config keys differ from GeneratorConfig: unknown {unknown}, missing {absent}"
         )
+    if "condition_scale" in doc:
+        _condition_scale(doc, where)
     try:
         return GeneratorConfig(**config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{where}: invalid config: {exc}") from None
+
+
+def _condition_scale(doc: Mapping[str, Any], where: str) -> ConditionScale:
+    """The document's z scale; the method's default (with a note) where it predates the key."""
+    if "condition_scale" not in doc:
+        logger.info(
+            "%s: no condition_scale recorded (written before it was); using the method's %s",
+            where,
+            DEFAULT_SCALE.describe(),
+        )
+        return DEFAULT_SCALE
+    try:
+        return ConditionScale.from_dict(doc["condition_scale"])
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: invalid condition_scale: {exc}") from None
 
 
 def _read_header(tensors_path: Path) -> dict[str, str]:
@@ -273,11 +320,20 @@ def load_generator(
     """Load a checkpoint directory (or its .safetensors file) -> (Generator in eval mode, metadata).
 
     The returned dict is the free-form ``metadata`` given to :func:`save_generator`; the config
-    is ``model.config``. Never unpickles anything.
+    is ``model.config``. Never unpickles anything. :func:`load_checkpoint` also gives the z scale.
     """
+    loaded = load_checkpoint(path, map_location)
+    return loaded.model, loaded.metadata
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> LoadedGenerator:
+    """Load a checkpoint directory (or its .safetensors file) with its metadata and z scale."""
     path = Path(path)
     doc = read_generator_document(path)
     cfg = _validate_document(doc, str(path))
+    scale = _condition_scale(doc, str(path))
     tensors_path, _ = _resolve_paths(path)
     try:
         tensors = safetensors.torch.load_file(str(tensors_path), device="cpu")
@@ -288,4 +344,4 @@ def load_generator(
     target_dtype = next(iter(model.state_dict().values())).dtype
     tensors = {k: v.to(target_dtype) for k, v in tensors.items()}
     model.load_state_dict(tensors, strict=True, assign=True)
-    return model.to(map_location).eval(), dict(doc["metadata"])
+    return LoadedGenerator(model.to(map_location).eval(), dict(doc["metadata"]), scale, path)

@@ -226,3 +226,55 @@ def test_error_messages_are_one_line(saved: tuple[Path, Generator]) -> None:
     with pytest.raises(CheckpointError) as info:
         load_generator(ckpt)
     assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the z scale a checkpoint records (pipeline.condition)
+
+
+def test_checkpoint_records_its_condition_scale(tmp_path):
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.condition import ConditionScale
+
+    model = Generator(GeneratorConfig(blocks_per_scale=(1,), channels_per_scale=(4,)))
+    scale = ConditionScale(blur_max=3.0, noise_max=75.0)
+    save_generator(tmp_path, model, metadata={}, scale=scale)
+    doc = json.loads((tmp_path / "generator.json").read_text())
+    assert doc["condition_scale"] == {"blur_max": 3.0, "noise_max": 75.0}
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.scale == scale and loaded.path == tmp_path
+    # the safetensors header carries the same document: the file alone knows its scale
+    assert load_checkpoint(tmp_path / "generator.safetensors").scale == scale
+
+
+def test_checkpoint_without_a_scale_uses_the_method_default_with_a_note(tmp_path, caplog):
+    import hashlib
+
+    from pipeline.checkpoint import load_checkpoint
+    from pipeline.condition import DEFAULT_SCALE
+
+    model = Generator(GeneratorConfig(blocks_per_scale=(1,), channels_per_scale=(4,)))
+    save_generator(tmp_path, model, metadata={})
+    sidecar = tmp_path / "generator.json"
+    doc = json.loads(sidecar.read_text())
+    del doc["condition_scale"]  # as written before the key existed
+    doc["tensors_sha256"] = hashlib.sha256((tmp_path / "generator.safetensors").read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(doc))
+    with caplog.at_level("INFO", logger="pipeline.checkpoint"):
+        loaded = load_checkpoint(tmp_path)
+    assert loaded.scale == DEFAULT_SCALE
+    assert "no condition_scale recorded" in caplog.text
+
+
+def test_checkpoint_with_a_bad_scale_is_one_error(tmp_path):
+    import hashlib
+
+    model = Generator(GeneratorConfig(blocks_per_scale=(1,), channels_per_scale=(4,)))
+    save_generator(tmp_path, model, metadata={})
+    sidecar = tmp_path / "generator.json"
+    doc = json.loads(sidecar.read_text())
+    doc["condition_scale"] = {"blur_max": -1.0, "noise_max": 50.0}
+    doc["tensors_sha256"] = hashlib.sha256((tmp_path / "generator.safetensors").read_bytes()).hexdigest()
+    sidecar.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="invalid condition_scale: blur_max"):
+        load_generator(tmp_path)

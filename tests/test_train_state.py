@@ -117,6 +117,7 @@ def test_checkpoint_directory_is_self_describing(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_optimizer_state_lands_on_the_gpu_after_resume(tmp_path):
     from models.registry import build_generator
+    from pipeline.condition import DEFAULT_SCALE
     from pipeline.train.state import save_train_state
 
     device = torch.device("cuda")
@@ -135,6 +136,7 @@ def test_optimizer_state_lands_on_the_gpu_after_resume(tmp_path):
         loaders=[None],
         config={},
         metadata={},
+        scale=DEFAULT_SCALE,
     )
     state = load_train_state(tmp_path)
     fresh = build_generator("tiny").to(device)

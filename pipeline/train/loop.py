@@ -735,6 +735,7 @@ class _Run:
                             "iteration": it,
                             "generator": self.stage.generator,
                         },
+                        scale=ConditionScale.from_params(self.params.degradation),
                     )
                     self.tracker.log_metrics([(it, {"ddp/max_param_divergence": divergence})])
                 session.report(metrics, path, name)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from pipeline.atomic import atomic_write_json
 from pipeline.checkpoint import save_generator
+from pipeline.condition import ConditionScale
 
 __all__ = [
     "STATE_FORMAT",
@@ -156,15 +157,17 @@ def save_train_state(
     loaders: list[dict[str, Any] | None],
     config: dict[str, Any],
     metadata: dict[str, Any],
+    scale: ConditionScale,
 ) -> Path:
     """Write a full training checkpoint into ``out_dir`` (see the module docstring).
 
     ``g`` and ``d`` are the plain modules (unwrap DDP first). ``rng`` and ``loaders`` hold one
-    entry per rank. ``metadata`` goes into ``generator.json`` (and ``train_state.json``).
+    entry per rank. ``metadata`` goes into ``generator.json`` (and ``train_state.json``);
+    ``scale`` is the run's z scale, recorded in ``generator.json`` for every later user.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_generator(out, g, metadata=metadata)
+    save_generator(out, g, metadata=metadata, scale=scale)
     tensors: dict[str, Tensor] = {}
     document: dict[str, Any] = {
         "format": STATE_FORMAT,
