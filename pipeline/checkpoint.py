@@ -248,7 +248,7 @@ def _validate_document(doc: Mapping[str, Any], where: str) -> GeneratorConfig:
 def _condition_scale(doc: Mapping[str, Any], where: str) -> ConditionScale:
     """The document's z scale; the method's default (with a note) where it predates the key."""
     if "condition_scale" not in doc:
-        logger.info(
+        logger.warning(
             "%s: no condition_scale recorded (written before it was); using the method's %s",
             where,
             DEFAULT_SCALE.describe(),

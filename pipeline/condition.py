@@ -109,13 +109,19 @@ class ConditionScale:
 
     # -- levels <-> z ----------------------------------------------------------------------------
 
-    def check_levels(self, blur: float, noise: float) -> tuple[float, float]:
-        """One (blur, noise) pair of user input, checked against the scale (one-line error)."""
+    def check_levels(
+        self, blur: float, noise: float, *, names: tuple[str, str] = ("blur", "noise")
+    ) -> tuple[float, float]:
+        """One (blur, noise) pair of user input, checked against the scale (one-line error).
+
+        ``names`` are what the user calls the two values (``("--blur", "--noise")`` on the
+        command line); only the message uses them.
+        """
         blur, noise = float(blur), float(noise)
         if not (math.isfinite(blur) and 0.0 <= blur <= self.blur_max):
-            raise ValueError(f"blur must be in [0, {self.blur_max:g}] (got {blur:g})")
+            raise ValueError(f"{names[0]} must be in [0, {self.blur_max:g}] (got {blur:g})")
         if not (math.isfinite(noise) and 0.0 <= noise <= self.noise_max):
-            raise ValueError(f"noise must be in [0, {self.noise_max:g}] (got {noise:g})")
+            raise ValueError(f"{names[1]} must be in [0, {self.noise_max:g}] (got {noise:g})")
         return blur, noise
 
     def to_z(self, blur: LevelsLike, noise: LevelsLike) -> Tensor:

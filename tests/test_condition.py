@@ -42,3 +42,14 @@ def test_z_to_levels_range_errors(z: list) -> None:
         DEFAULT_SCALE.to_levels(torch.tensor(z))
 
 
+
+
+def test_check_levels_uses_the_scale_and_the_callers_names() -> None:
+    assert DEFAULT_SCALE.check_levels(4, 50) == (4.0, 50.0)
+    assert ConditionScale(blur_max=2.0, noise_max=50.0).check_levels(2, 0) == (2.0, 0.0)
+    with pytest.raises(ValueError, match=r"^blur must be in \[0, 2\] \(got 3\)$"):
+        ConditionScale(blur_max=2.0, noise_max=50.0).check_levels(3, 0)
+    with pytest.raises(ValueError, match=r"^--noise must be in \[0, 50\] \(got 51\)$"):
+        DEFAULT_SCALE.check_levels(0, 51, names=("--blur", "--noise"))
+    with pytest.raises(ValueError, match=r"^--blur must be in \[0, 4\] \(got nan\)$"):
+        DEFAULT_SCALE.check_levels(float("nan"), 0, names=("--blur", "--noise"))
