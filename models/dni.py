@@ -21,7 +21,13 @@ from torch import Tensor
 
 from models.generator import Generator, GeneratorConfig
 
-__all__ = ["DNIError", "blend_generators", "check_alpha", "config_difference", "interpolate_state_dicts"]
+__all__ = [
+    "DNIError",
+    "blend_generators",
+    "check_alpha",
+    "config_difference",
+    "interpolate_state_dicts",
+]
 
 
 class DNIError(ValueError):

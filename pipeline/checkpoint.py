@@ -50,10 +50,10 @@ from pipeline.condition import DEFAULT_SCALE, ConditionScale
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
-    "CheckpointError",
     "JSON_NAME",
-    "LoadedGenerator",
     "TENSORS_NAME",
+    "CheckpointError",
+    "LoadedGenerator",
     "describe_mismatch",
     "file_sha256",
     "load_checkpoint",

@@ -281,7 +281,7 @@ def load_model_for_inference(
     gan_model: str | os.PathLike[str] | None = None,
     alpha: float | None = None,
     map_location: str | torch.device = "cpu",
-    names: ModelArgumentNames = ModelArgumentNames(),  # noqa: B008 (a frozen value)
+    names: ModelArgumentNames = ModelArgumentNames(),
 ) -> InferenceModel:
     """The one loading entry for inference: one checkpoint, or the DNI blend of an MSE and a GAN.
 

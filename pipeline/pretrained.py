@@ -221,7 +221,10 @@ def _warn_random(spec: BackboneSpec, message: str) -> None:
     log.warning(
         "\n%s\n!! USING RANDOM %s WEIGHTS (pretrained='auto'): results are NOT comparable to "
         "published numbers.\n!! %s\n%s",
-        bar, spec.name.upper(), message, bar,
+        bar,
+        spec.name.upper(),
+        message,
+        bar,
     )
 
 

@@ -20,17 +20,24 @@ def test_levels_z_round_trip_and_paper_settings() -> None:
     torch.testing.assert_close(z[1], torch.tensor([0.0, 1.0]))
     r, s = DEFAULT_SCALE.to_levels(z)
     torch.testing.assert_close(r, torch.tensor(blur_levels, dtype=torch.float64), atol=1e-6, rtol=0)
-    torch.testing.assert_close(s, torch.tensor(noise_levels, dtype=torch.float64),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        s, torch.tensor(noise_levels, dtype=torch.float64), atol=1e-5, rtol=0
+    )
     # broadcasting one level against many, and custom maxima
     assert DEFAULT_SCALE.to_z(2.0, [0.0, 25.0]).tolist() == [[0.5, 0.0], [0.5, 0.5]]
     assert ConditionScale(blur_max=2.0, noise_max=20.0).to_z(1.0, 10.0).tolist() == [[0.5, 0.5]]
 
 
-@pytest.mark.parametrize(("r", "s", "msg"), [
-    (4.1, 0.0, "blur_max"), (0.0, 50.5, "noise_max"), (-0.1, 0.0, ">= 0"),
-    (0.0, -1.0, ">= 0"), (float("nan"), 0.0, "finite"),
-])
+@pytest.mark.parametrize(
+    ("r", "s", "msg"),
+    [
+        (4.1, 0.0, "blur_max"),
+        (0.0, 50.5, "noise_max"),
+        (-0.1, 0.0, ">= 0"),
+        (0.0, -1.0, ">= 0"),
+        (float("nan"), 0.0, "finite"),
+    ],
+)
 def test_levels_to_z_range_errors(r: float, s: float, msg: str) -> None:
     with pytest.raises(ValueError, match=msg):
         DEFAULT_SCALE.to_z(r, s)
@@ -40,8 +47,6 @@ def test_levels_to_z_range_errors(r: float, s: float, msg: str) -> None:
 def test_z_to_levels_range_errors(z: list) -> None:
     with pytest.raises(ValueError, match="z"):
         DEFAULT_SCALE.to_levels(torch.tensor(z))
-
-
 
 
 def test_check_levels_uses_the_scale_and_the_callers_names() -> None:

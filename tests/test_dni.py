@@ -92,7 +92,9 @@ def test_mismatches_rejected() -> None:
 def test_blend_requires_same_config() -> None:
     mse, _ = _pair()
     other = Generator(GeneratorConfig(blocks_per_scale=(1, 1, 1), channels_per_scale=(4, 8, 16)))
-    with pytest.raises(DNIError, match=r"configs differ .*channels_per_scale: \[4, 8, 8\] vs \[4, 8, 16\]"):
+    with pytest.raises(
+        DNIError, match=r"configs differ .*channels_per_scale: \[4, 8, 8\] vs \[4, 8, 16\]"
+    ):
         blend_generators(mse, other, 0.5)
 
 

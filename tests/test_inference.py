@@ -322,7 +322,7 @@ def test_load_argument_errors(args, kw, words: str) -> None:
 
 
 def test_dni_with_different_configs(checkpoints) -> None:
-    with pytest.raises(ValueError, match="configs differ.*channels_per_scale"):
+    with pytest.raises(ValueError, match=r"configs differ.*channels_per_scale"):
         load_model_for_inference(
             None, mse_model=checkpoints["mse"], gan_model=checkpoints["other"], alpha=0.5
         )
@@ -373,9 +373,7 @@ def test_blend_carries_the_shared_scale_and_its_parts(checkpoints) -> None:
 def test_blend_of_different_scales_is_one_error(tmp_path: Path, checkpoints) -> None:
     other = _with_scale(tmp_path / "gan8", _strong(seed=2), ConditionScale(8.0, 50.0))
     with pytest.raises(ValueError) as info:
-        load_model_for_inference(
-            None, mse_model=checkpoints["mse"], gan_model=other, alpha=0.5
-        )
+        load_model_for_inference(None, mse_model=checkpoints["mse"], gan_model=other, alpha=0.5)
     message = str(info.value)
     assert "\n" not in message
     assert "different condition scales" in message
