@@ -1,6 +1,6 @@
 """The condition vector z and the evaluation-setting names: the one owner of both conversions.
 
-``z = [blur / blur_max, noise / noise_max]`` (the method doc: ``[r / 4, sigma / 50]``). The
+``z = [blur / blur_max, noise / noise_max]`` (docs/cugan-method.md: ``[r / 4, sigma / 50]``). The
 scale is part of a trained model, not of the code: a profile may train with other maxima, and a
 checkpoint records the scale it was trained with (``generator.json``, see
 :mod:`pipeline.checkpoint`). Everything that turns user-facing levels into z -- the CLI, the

@@ -1,4 +1,4 @@
-"""Reference degradation: Gaussian blur -> Gaussian noise -> clip -> 8 bits (the method doc).
+"""Reference degradation: blur -> noise -> clip -> 8 bits (docs/cugan-method.md, section 2).
 
 This module is the oracle. The DALI loader (GPU and CPU) and the evaluation-set builder must
 produce what these functions produce, and the tests pin them to independent constructions
