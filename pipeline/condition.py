@@ -19,15 +19,25 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # torch is imported where a conversion runs: the data stages never pay for it
     import numpy as np
     from torch import Tensor
 
-    from pipeline.config import DegradationParams
-
     LevelsLike = float | int | Sequence[float] | Tensor | np.ndarray
+
+
+class _ScaleParams(Protocol):
+    """What :meth:`ConditionScale.from_params` reads: ``params.degradation``.
+
+    A protocol rather than ``pipeline.config.DegradationParams`` itself, because config imports
+    this module (for setting names): naming the type here would close an import circle.
+    """
+
+    blur_max: float
+    noise_max: float
+
 
 __all__ = [
     "DEFAULT_SCALE",
@@ -89,7 +99,7 @@ class ConditionScale:
             object.__setattr__(self, name, float(value))
 
     @classmethod
-    def from_params(cls, degradation: DegradationParams) -> ConditionScale:
+    def from_params(cls, degradation: _ScaleParams) -> ConditionScale:
         """The scale a training/data run uses (``params.degradation``)."""
         return cls(blur_max=degradation.blur_max, noise_max=degradation.noise_max)
 
