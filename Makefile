@@ -26,7 +26,12 @@ TESTS_RAY     := tests/test_flows.py tests/test_train_ray.py tests/test_train_st
 TESTS_CLUSTER := tests/test_infra_local.py
 PYTEST        := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
+RUFF          := $(VENV)/bin/ruff
+
+# Lint and format drift fail the test command first (ruff's settings: pyproject.toml).
 test: venv
+	$(RUFF) check .
+	$(RUFF) format --check .
 	$(PYTEST) $(addprefix --ignore=,$(TESTS_RAY) $(TESTS_CLUSTER))
 	$(PYTEST) $(TESTS_RAY)
 	$(PYTEST) $(TESTS_CLUSTER)

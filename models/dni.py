@@ -19,22 +19,40 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from models.generator import Generator
+from models.generator import Generator, GeneratorConfig
 
-__all__ = ["DNIError", "blend_generators", "interpolate_state_dicts"]
+__all__ = [
+    "DNIError",
+    "blend_generators",
+    "check_alpha",
+    "config_difference",
+    "interpolate_state_dicts",
+]
 
 
 class DNIError(ValueError):
     """The two models cannot be interpolated (one-line message)."""
 
 
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float, *, name: str = "alpha") -> float:
+    """``alpha`` as a float in [0, 1], or DNIError: the one statement of the rule.
+
+    Callers that validate user input before loading any weights (the CLI, the studio) call this
+    early; :func:`interpolate_state_dicts` calls it again on its own input. ``name`` is how the
+    caller's user knows the value (``--alpha`` on the command line); only the message uses it.
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise DNIError(f"alpha must be a number in [0, 1] (got {alpha!r})")
+        raise DNIError(f"{name} must be a number in [0, 1] (got {alpha!r})")
     alpha = float(alpha)
     if math.isnan(alpha) or not 0.0 <= alpha <= 1.0:
-        raise DNIError(f"alpha must be in [0, 1] (got {alpha})")
+        raise DNIError(f"{name} must be in [0, 1] (got {alpha:g})")
     return alpha
+
+
+def config_difference(mse: GeneratorConfig, gan: GeneratorConfig) -> str:
+    """``channels_per_scale: [4, 8, 8] vs [4, 8, 16]``: the fields two configs disagree on."""
+    a, b = mse.to_dict(), gan.to_dict()
+    return "; ".join(f"{k}: {a[k]} vs {b[k]}" for k in a if a[k] != b[k]) or "no difference"
 
 
 def _check_compatible(mse: Mapping[str, Tensor], gan: Mapping[str, Tensor]) -> None:
@@ -76,7 +94,7 @@ def interpolate_state_dicts(
     Keys, shapes, dtypes and devices must match. Returns new tensors (detached copies at the
     ends, so the result never aliases the inputs).
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_alpha(alpha)
     _check_compatible(mse, gan)
     with torch.no_grad():
         if alpha == 1.0:
@@ -90,8 +108,8 @@ def blend_generators(mse_model: Generator, gan_model: Generator, alpha: float) -
     """A new Generator whose G and C_G are the DNI blend of two models with the same config."""
     if mse_model.config != gan_model.config:
         raise DNIError(
-            f"generators have different configs: {mse_model.config} (MSE) vs "
-            f"{gan_model.config} (GAN)"
+            "the generator configs differ (MSE vs GAN: "
+            f"{config_difference(mse_model.config, gan_model.config)})"
         )
     blended = interpolate_state_dicts(mse_model.state_dict(), gan_model.state_dict(), alpha)
     # Built on the meta device and filled by assignment: no throw-away random init, and the

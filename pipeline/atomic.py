@@ -15,23 +15,35 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "staging_dir"]
+__all__ = [
+    "atomic_output",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "staging_dir",
+]
 
 
 def _temp_sibling(path: Path, suffix: str) -> Path:
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.{suffix}")
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same directory."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str], *, fsync: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary file that becomes ``path`` when the block ends without an exception.
+
+    For data too large to hold in memory (a downloaded backbone): write it in chunks, check it
+    inside the block (``fp.name`` is the temporary file's path), and raise to discard it. On
+    an exception the temporary file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     tmp = _temp_sibling(path, "tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    fp = tmp.open("xb")  # "x" = O_EXCL: never someone else's file; closed before the rename
     try:
-        with os.fdopen(fd, "wb") as fp:
-            fp.write(data)
+        with fp:
+            yield fp
             if fsync:
                 fp.flush()
                 os.fsync(fp.fileno())
@@ -39,7 +51,13 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same directory."""
+    with atomic_output(path, fsync=fsync) as fp:
+        fp.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -50,10 +50,10 @@ from pipeline.condition import DEFAULT_SCALE, ConditionScale
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
-    "CheckpointError",
     "JSON_NAME",
-    "LoadedGenerator",
     "TENSORS_NAME",
+    "CheckpointError",
+    "LoadedGenerator",
     "describe_mismatch",
     "file_sha256",
     "load_checkpoint",
@@ -248,7 +248,7 @@ def _validate_document(doc: Mapping[str, Any], where: str) -> GeneratorConfig:
 def _condition_scale(doc: Mapping[str, Any], where: str) -> ConditionScale:
     """The document's z scale; the method's default (with a note) where it predates the key."""
     if "condition_scale" not in doc:
-        logger.info(
+        logger.warning(
             "%s: no condition_scale recorded (written before it was); using the method's %s",
             where,
             DEFAULT_SCALE.describe(),

@@ -26,24 +26,23 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import CheckpointError
+from pipeline.condition import DEFAULT_SCALE, ConditionScale
 from pipeline.config import ConfigError
-from pipeline.condition import DEFAULT_SCALE
 from pipeline.degradation import KERNEL_SIZE, degrade, to_tensor, to_uint8
+from pipeline.device import resolve_device
+from pipeline.errors import one_line, os_error_line
 from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageError, LoadedImage, read_rgb8, write_png
 from pipeline.inference import (
     InferenceError,
+    ModelArgumentNames,
     load_model_for_inference,
     receptive_field_radius,
-    resolve_device,
     restore,
 )
 
 __all__ = ["build_parser", "main"]
 
 PROG = "cugan"
-# Help-text and degrade-command maxima: the method's scale (a checkpoint may record another).
-BLUR_MAX = DEFAULT_SCALE.blur_max
-NOISE_MAX = DEFAULT_SCALE.noise_max
 EXIT_OK = 0
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -54,6 +53,12 @@ AUTO_TILE_MAX_PIXELS = 1 << 21
 AUTO_TILE_SIZE = 512
 
 log = logging.getLogger("cugan")
+
+#: The restore command's model flags, as the inference layer's messages name them.
+MODEL_FLAGS = ModelArgumentNames(
+    model="--model", mse_model="--mse-model", gan_model="--gan-model", alpha="--alpha"
+)
+LEVEL_FLAGS = ("--blur", "--noise")
 
 
 class _UsageError(Exception):
@@ -130,30 +135,41 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # restore -------------------------------------------------------------------------------
+    # Help texts state the method's scale; the conversion uses the checkpoint's own.
+    b_max, n_max = f"{DEFAULT_SCALE.blur_max:g}", f"{DEFAULT_SCALE.noise_max:g}"
     p = sub.add_parser(
         "restore",
         parents=[common],
         help="restore an image with a trained generator",
         description=(
             "Restore IN (blurred and/or noisy) into OUT (PNG). The condition is the degradation "
-            f"to remove: --blur R (Gaussian std in pixels, 0..{BLUR_MAX:g}) and --noise S "
-            f"(std on the 0..255 scale, 0..{NOISE_MAX:g}), or directly --cond "
-            f"'R/{BLUR_MAX:g},S/{NOISE_MAX:g}' with entries in [0, 1]. Give "
+            "to remove: --blur R (Gaussian std in pixels) and --noise S (std on the 0..255 "
+            "scale), or the condition vector itself, --cond Z1,Z2 with entries in [0, 1]. "
+            "Levels become z with the scale the checkpoint records: at the method's scale "
+            f"{DEFAULT_SCALE.describe()}, so R in [0, {b_max}] and S in [0, {n_max}]. Give "
             "--model, or --alpha with --mse-model and --gan-model for the MSE<->GAN blend "
             "(alpha 1 = MSE model, 0 = GAN model)."
         ),
     )
     _add_io(p)
     cond = p.add_argument_group("condition (either --blur and --noise, or --cond)")
-    cond.add_argument("--blur", type=float, metavar="R", help=f"blur std r in [0, {BLUR_MAX:g}]")
     cond.add_argument(
-        "--noise", type=float, metavar="S", help=f"noise std sigma in [0, {NOISE_MAX:g}]"
+        "--blur",
+        type=float,
+        metavar="R",
+        help=f"blur std in pixels (0..{b_max} at the method's scale)",
+    )
+    cond.add_argument(
+        "--noise",
+        type=float,
+        metavar="S",
+        help=f"noise std, 0..255 scale (0..{n_max} at the method's scale)",
     )
     cond.add_argument(
         "--cond",
         type=_cond_arg,
         metavar="Z1,Z2",
-        help="condition vector z, entries in [0, 1] (z = [r/4, sigma/50])",
+        help="condition vector z, entries in [0, 1]",
     )
     model = p.add_argument_group(
         "model (either --model, or --alpha with --mse-model and --gan-model)"
@@ -206,10 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_io(p)
     p.add_argument(
-        "--blur", type=float, required=True, metavar="R", help=f"blur std in [0, {BLUR_MAX:g}]"
+        "--blur",
+        type=float,
+        required=True,
+        metavar="R",
+        help=f"blur std in [0, {DEFAULT_SCALE.blur_max:g}]",
     )
     p.add_argument(
-        "--noise", type=float, required=True, metavar="S", help=f"noise std in [0, {NOISE_MAX:g}]"
+        "--noise",
+        type=float,
+        required=True,
+        metavar="S",
+        help=f"noise std in [0, {DEFAULT_SCALE.noise_max:g}]",
     )
     p.add_argument(
         "--seed", type=_non_negative_int, default=0, metavar="N", help="noise seed (default 0)"
@@ -273,16 +297,12 @@ def _version() -> str:
 # shared checks
 
 
-def _levels(blur: float, noise: float) -> tuple[float, float]:
-    if not (math.isfinite(blur) and 0.0 <= blur <= BLUR_MAX):
-        raise ValueError(f"--blur must be in [0, {BLUR_MAX:g}] (got {blur:g})")
-    if not (math.isfinite(noise) and 0.0 <= noise <= NOISE_MAX):
-        raise ValueError(f"--noise must be in [0, {NOISE_MAX:g}] (got {noise:g})")
-    return blur, noise
+def _condition(args: argparse.Namespace) -> list[float] | tuple[float, float]:
+    """Which form of condition was given, checked as far as it can be without a model.
 
-
-def _condition(args: argparse.Namespace) -> torch.Tensor:
-    """z [cond_dim] from --cond or from --blur/--noise (exactly one form)."""
+    Returns the ``--cond`` values (checked to lie in [0, 1]), or the ``(blur, noise)`` levels,
+    which :func:`_z_for` converts with the scale of the model once it is loaded.
+    """
     levels_given = args.blur is not None or args.noise is not None
     if args.cond is not None and levels_given:
         raise ValueError("give either --cond or --blur/--noise, not both")
@@ -292,7 +312,7 @@ def _condition(args: argparse.Namespace) -> torch.Tensor:
             raise ValueError(
                 f"--cond entries must lie in [0, 1] (got {','.join(f'{v:g}' for v in values)})"
             )
-        return torch.tensor(values, dtype=torch.float32)
+        return values
     if args.blur is None or args.noise is None:
         missing = (
             "--noise" if args.blur is not None else "--blur" if args.noise is not None else None
@@ -300,34 +320,15 @@ def _condition(args: argparse.Namespace) -> torch.Tensor:
         if missing:
             raise ValueError(f"{missing} is missing: give both --blur and --noise (or --cond)")
         raise ValueError("no condition given: --blur R --noise S, or --cond Z1,Z2")
-    blur, noise = _levels(args.blur, args.noise)
-    return DEFAULT_SCALE.to_z(blur, noise)[0]
+    return args.blur, args.noise
 
 
-def _check_model_args(args: argparse.Namespace) -> None:
-    blend = [
-        flag
-        for flag, v in (("--mse-model", args.mse_model), ("--gan-model", args.gan_model))
-        if v is not None
-    ]
-    if args.model is not None:
-        if blend or args.alpha is not None:
-            raise ValueError(
-                "give either --model, or --alpha with --mse-model and --gan-model, not both"
-            )
-        return
-    if args.alpha is None:
-        if blend:
-            raise ValueError(
-                f"{' and '.join(blend)} given without --alpha (the MSE<->GAN blend weight)"
-            )
-        raise ValueError(
-            "no model given: --model PATH, or --alpha A --mse-model PATH --gan-model PATH"
-        )
-    if len(blend) < 2:
-        raise ValueError("--alpha needs both --mse-model and --gan-model")
-    if not (math.isfinite(args.alpha) and 0.0 <= args.alpha <= 1.0):
-        raise ValueError(f"--alpha must be in [0, 1] (got {args.alpha:g})")
+def _z_for(condition: list[float] | tuple[float, float], scale: ConditionScale) -> torch.Tensor:
+    """z ``[cond_dim]``: ``--cond`` as given, or the levels converted with the model's scale."""
+    if isinstance(condition, list):
+        return torch.tensor(condition, dtype=torch.float32)
+    blur, noise = scale.check_levels(*condition, names=LEVEL_FLAGS)
+    return scale.to_z(blur, noise)[0]
 
 
 def _check_output(path: Path) -> None:
@@ -358,17 +359,20 @@ def _read(args: argparse.Namespace) -> LoadedImage:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    z = _condition(args)
-    _check_model_args(args)
+    condition = _condition(args)
     _check_output(args.output)
     device = resolve_device(args.device)
+    loaded = load_model_for_inference(
+        args.model,
+        mse_model=args.mse_model,
+        gan_model=args.gan_model,
+        alpha=args.alpha,
+        names=MODEL_FLAGS,
+    )
+    model, cfg = loaded.model, loaded.config
+    z = _z_for(condition, loaded.scale)
     image = _read(args).array
     h, w = image.shape[:2]
-
-    model = load_model_for_inference(
-        args.model, mse_model=args.mse_model, gan_model=args.gan_model, alpha=args.alpha
-    )
-    cfg = model.config
     if not cfg.conditional:
         log.warning("note: the model is unconditional (a Unet baseline): the condition is ignored")
         z_arg = None
@@ -388,18 +392,13 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     result = restore(model, image, z_arg, tile=tile or None, tile_overlap=overlap, device=device)
     write_png(args.output, result)
     z_text = ",".join(f"{v:.4g}" for v in z.tolist())
-    source = (
-        args.model
-        if args.model is not None
-        else (f"alpha {args.alpha:g} blend of {args.mse_model} (MSE) and {args.gan_model} (GAN)")
-    )
     log.info(
         "wrote %s (%dx%d, z=[%s], model %s, %s) in %.2f s",
         args.output,
         w,
         h,
         z_text,
-        source,
+        loaded.source,
         device,
         time.perf_counter() - start,
     )
@@ -407,7 +406,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _cmd_degrade(args: argparse.Namespace) -> int:
-    blur, noise = _levels(args.blur, args.noise)
+    # The degradation itself has no z; its levels are limited to the method's range.
+    blur, noise = DEFAULT_SCALE.check_levels(args.blur, args.noise, names=LEVEL_FLAGS)
     _check_output(args.output)
     image = _read(args).array
     generator = torch.Generator().manual_seed(args.seed)
@@ -503,20 +503,9 @@ def _restore_logging(saved: dict[str, int]) -> None:
         logging.getLogger(name or None).setLevel(level)
 
 
-def _one_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else "unknown error"
-
-
 def _fail(message: str) -> int:
-    sys.stderr.write(f"{PROG}: error: {_one_line(message)}\n")
+    sys.stderr.write(f"{PROG}: error: {one_line(message, limit=None)}\n")
     return EXIT_ERROR
-
-
-def _os_error_message(err: OSError) -> str:
-    if err.filename is not None and err.strerror:
-        return f"{err.filename}: {err.strerror}"
-    return str(err)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -536,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # validation of arguments (z, levels, devices, configs)
         return _fail(str(err))
     except OSError as err:
-        return _fail(_os_error_message(err))
+        return _fail(os_error_line(err))
     except torch.OutOfMemoryError:
         return _fail("out of memory: try a smaller --tile (e.g. --tile 256) or --device cpu")
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """The condition vector z and the evaluation-setting names: the one owner of both conversions.
 
-``z = [blur / blur_max, noise / noise_max]`` (the method doc: ``[r / 4, sigma / 50]``). The
+``z = [blur / blur_max, noise / noise_max]`` (docs/cugan-method.md: ``[r / 4, sigma / 50]``). The
 scale is part of a trained model, not of the code: a profile may train with other maxima, and a
 checkpoint records the scale it was trained with (``generator.json``, see
 :mod:`pipeline.checkpoint`). Everything that turns user-facing levels into z -- the CLI, the
@@ -19,15 +19,25 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # torch is imported where a conversion runs: the data stages never pay for it
     import numpy as np
     from torch import Tensor
 
-    from pipeline.config import DegradationParams
-
     LevelsLike = float | int | Sequence[float] | Tensor | np.ndarray
+
+
+class _ScaleParams(Protocol):
+    """What :meth:`ConditionScale.from_params` reads: ``params.degradation``.
+
+    A protocol rather than ``pipeline.config.DegradationParams`` itself, because config imports
+    this module (for setting names): naming the type here would close an import circle.
+    """
+
+    blur_max: float
+    noise_max: float
+
 
 __all__ = [
     "DEFAULT_SCALE",
@@ -89,7 +99,7 @@ class ConditionScale:
             object.__setattr__(self, name, float(value))
 
     @classmethod
-    def from_params(cls, degradation: DegradationParams) -> ConditionScale:
+    def from_params(cls, degradation: _ScaleParams) -> ConditionScale:
         """The scale a training/data run uses (``params.degradation``)."""
         return cls(blur_max=degradation.blur_max, noise_max=degradation.noise_max)
 
@@ -109,13 +119,19 @@ class ConditionScale:
 
     # -- levels <-> z ----------------------------------------------------------------------------
 
-    def check_levels(self, blur: float, noise: float) -> tuple[float, float]:
-        """One (blur, noise) pair of user input, checked against the scale (one-line error)."""
+    def check_levels(
+        self, blur: float, noise: float, *, names: tuple[str, str] = ("blur", "noise")
+    ) -> tuple[float, float]:
+        """One (blur, noise) pair of user input, checked against the scale (one-line error).
+
+        ``names`` are what the user calls the two values (``("--blur", "--noise")`` on the
+        command line); only the message uses them.
+        """
         blur, noise = float(blur), float(noise)
         if not (math.isfinite(blur) and 0.0 <= blur <= self.blur_max):
-            raise ValueError(f"blur must be in [0, {self.blur_max:g}] (got {blur:g})")
+            raise ValueError(f"{names[0]} must be in [0, {self.blur_max:g}] (got {blur:g})")
         if not (math.isfinite(noise) and 0.0 <= noise <= self.noise_max):
-            raise ValueError(f"noise must be in [0, {self.noise_max:g}] (got {noise:g})")
+            raise ValueError(f"{names[1]} must be in [0, {self.noise_max:g}] (got {noise:g})")
         return blur, noise
 
     def to_z(self, blur: LevelsLike, noise: LevelsLike) -> Tensor:

@@ -1,4 +1,4 @@
-"""Reference degradation: Gaussian blur -> Gaussian noise -> clip -> 8 bits (the method doc).
+"""Reference degradation: blur -> noise -> clip -> 8 bits (docs/cugan-method.md, section 2).
 
 This module is the oracle. The DALI loader (GPU and CPU) and the evaluation-set builder must
 produce what these functions produce, and the tests pin them to independent constructions
@@ -130,8 +130,9 @@ def _kernels1d(sigmas: Tensor, size: int) -> Tensor:
 
 def _as_levels(values: LevelsLike, batch: int | None, name: str) -> Tensor:
     """Float64 CPU tensor of shape [batch] from a scalar or a [batch] sequence/tensor."""
-    t = torch.as_tensor(values.detach().cpu() if isinstance(values, Tensor) else values,
-                        dtype=torch.float64)
+    t = torch.as_tensor(
+        values.detach().cpu() if isinstance(values, Tensor) else values, dtype=torch.float64
+    )
     if t.ndim == 0:
         t = t.expand(batch if batch is not None else 1)
     if t.ndim != 1:
@@ -261,8 +262,9 @@ def degrade(
     if generator is not None:
         per_sample = []
         for i in range(b):
-            n = torch.randn(img.shape[1:], generator=generator, dtype=img.dtype,
-                            device=generator.device)
+            n = torch.randn(
+                img.shape[1:], generator=generator, dtype=img.dtype, device=generator.device
+            )
             per_sample.append(n.to(img.device) * (float(noise_levels[i]) / 255.0))
         out = blurred + torch.stack(per_sample)
     if quantize:

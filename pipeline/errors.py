@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["one_line", "os_error_line"]
+__all__ = ["one_line", "os_error_line", "os_error_reason"]
 
 
 def one_line(
@@ -31,9 +31,14 @@ def one_line(
     return line
 
 
+def os_error_reason(err: OSError) -> str:
+    """The reason alone (``Permission denied``), for messages that name the path themselves."""
+    return err.strerror or one_line(err)
+
+
 def os_error_line(err: OSError) -> str:
     """``<path>: <reason>`` for a file-system error (no space left, permission denied, ...)."""
-    reason = err.strerror or one_line(err)
+    reason = os_error_reason(err)
     if err.filename is not None:
         target = f" -> {err.filename2}" if getattr(err, "filename2", None) else ""
         return f"{err.filename}{target}: {reason}"

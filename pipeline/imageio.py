@@ -37,6 +37,7 @@ import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.errors import one_line, os_error_reason
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -132,7 +133,7 @@ def read_rgb8(
         with open(path, "rb") as fp:
             data = fp.read()
     except OSError as err:
-        raise ImageError(f"{path}: cannot read: {_os_reason(err)}") from None
+        raise ImageError(f"{path}: cannot read: {os_error_reason(err)}") from None
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes)")
     return _decode(path, data, max_pixels, allow_high_bit_depth, allow_transparency)
@@ -145,16 +146,12 @@ def _check_regular_file(path: Path) -> int:
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
     except OSError as err:
-        raise ImageError(f"{path}: cannot read: {_os_reason(err)}") from None
+        raise ImageError(f"{path}: cannot read: {os_error_reason(err)}") from None
     if stat.S_ISDIR(st.st_mode):
         raise ImageError(f"{path}: is a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise ImageError(f"{path}: not a regular file")
     return st.st_size
-
-
-def _os_reason(err: OSError) -> str:
-    return err.strerror or str(err).splitlines()[0]
 
 
 def _decode(
@@ -172,9 +169,9 @@ def _decode(
         except UnidentifiedImageError:
             raise ImageError(_unidentified_reason(path, data)) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(f"{path}: too large: {_one_line(err)}") from None
+            raise ImageError(f"{path}: too large: {one_line(err)}") from None
         except _DECODE_ERRORS as err:
-            raise ImageError(f"{path}: corrupt image header: {_one_line(err)}") from None
+            raise ImageError(f"{path}: corrupt image header: {one_line(err)}") from None
 
         fmt, mode = img.format, img.mode
         width, height = img.size
@@ -195,9 +192,9 @@ def _decode(
         try:
             img.load()  # the full decode: truncated or corrupt pixel data fails here
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(f"{path}: too large: {_one_line(err)}") from None
+            raise ImageError(f"{path}: too large: {one_line(err)}") from None
         except _DECODE_ERRORS as err:
-            raise ImageError(f"{path}: truncated or corrupt image data: {_one_line(err)}") from None
+            raise ImageError(f"{path}: truncated or corrupt image data: {one_line(err)}") from None
 
     if bits > 8 or img.mode in ("I", "F") or img.mode.startswith("I;16"):
         arr = _high_bit_depth(path, img, data, bits, allow_high_bit_depth, notes)
@@ -242,11 +239,6 @@ def _unidentified_reason(path: Path, data: bytes) -> str:
         if width == 0 or height == 0:
             return f"{path}: zero-size image ({width}x{height})"
     return f"{path}: corrupt {fmt} file (its header cannot be decoded)"
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _bits_per_sample(img: Image.Image, data: bytes) -> int:
@@ -385,7 +377,7 @@ def _decode_png16(path: Path, data: bytes) -> np.ndarray:
                 torch.frombuffer(bytearray(data), dtype=torch.uint8), ImageReadMode.UNCHANGED
             )
     except RuntimeError as err:
-        raise ImageError(f"{path}: corrupt 16-bit PNG: {_one_line(err)}") from None
+        raise ImageError(f"{path}: corrupt 16-bit PNG: {one_line(err)}") from None
     values = chw.permute(1, 2, 0).to(torch.int64).numpy()
     return _u16_to_u8(values.astype(np.uint32))
 

@@ -23,23 +23,32 @@ because the effective receptive field is much narrower than the theoretical one.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.dni import DNIError, blend_generators, check_alpha
 from models.generator import Generator, GeneratorConfig
+from pipeline.checkpoint import LoadedGenerator, load_checkpoint
+from pipeline.condition import ConditionScale
 from pipeline.degradation import to_tensor, to_uint8
+
+# ``resolve_device`` is pipeline.device's; importing it here also keeps ``from pipeline.inference
+# import resolve_device`` working in pipeline/evaluation.py and pipeline/figures.py until they
+# import it from pipeline.device (a compatibility name only: not in __all__).
+from pipeline.device import resolve_device
 
 __all__ = [
     "InferenceError",
+    "InferenceModel",
+    "ModelArgumentNames",
     "load_model_for_inference",
     "receptive_field_radius",
-    "resolve_device",
     "restore",
     "tile_layout",
     "validate_z",
@@ -89,24 +98,6 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"image must be uint8 (got {image.dtype})")
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"image must have shape H x W x 3 (got {image.shape})")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is an error."""
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"unknown device {device!r} (use cpu, cuda or auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available (use cpu or auto)")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {str(dev)!r} (use cpu, cuda or auto)")
-    return dev
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,86 +239,112 @@ def _run_tiled(
 # model loading
 
 
+@dataclass(frozen=True)
+class ModelArgumentNames:
+    """What the caller's user calls the four model arguments, for the messages only.
+
+    The rules of :func:`load_model_for_inference` are stated once, there; a command line
+    passes its flag names (``--model``, ...) so that its user reads the words they typed.
+    """
+
+    model: str = "model"
+    mse_model: str = "mse_model"
+    gan_model: str = "gan_model"
+    alpha: str = "alpha"
+
+
+@dataclass(frozen=True)
+class InferenceModel:
+    """A generator ready to restore with, and the z scale to drive it with.
+
+    ``model``: one checkpoint's generator, or the DNI blend of two (eval mode). ``scale``: the
+    :class:`~pipeline.condition.ConditionScale` the checkpoint(s) recorded -- the ONLY scale
+    to turn blur/noise levels into z for this model. ``source``: a description for logs.
+    ``parts``: the loaded checkpoint(s) it was made from (one, or MSE then GAN), so that a
+    caller that re-blends at another alpha (the studio) never reads the files again.
+    """
+
+    model: Generator
+    scale: ConditionScale
+    source: str
+    parts: tuple[LoadedGenerator, ...]
+
+    @property
+    def config(self) -> GeneratorConfig:
+        return self.model.config
+
+
 def load_model_for_inference(
-    model: str | os.PathLike[str] | None,
+    model: str | os.PathLike[str] | None = None,
     *,
     mse_model: str | os.PathLike[str] | None = None,
     gan_model: str | os.PathLike[str] | None = None,
     alpha: float | None = None,
     map_location: str | torch.device = "cpu",
-) -> Generator:
-    """A generator in eval mode: one checkpoint, or the DNI blend of an MSE and a GAN model.
+    names: ModelArgumentNames = ModelArgumentNames(),
+) -> InferenceModel:
+    """The one loading entry for inference: one checkpoint, or the DNI blend of an MSE and a GAN.
 
     ``model``: a checkpoint directory or ``.safetensors`` file (``pipeline.checkpoint``).
     ``alpha`` with ``mse_model`` and ``gan_model``: ``(1 - alpha) * GAN + alpha * MSE`` over all
-    parameters (``models.dni``); the two configs must be equal. Give exactly one of the two
-    forms. Raises ValueError for a wrong combination and ``CheckpointError`` for a bad file.
+    parameters (``models.dni``); the two must have equal configs and record the same z scale.
+    Give exactly one of the two forms. Every rule on these arguments is checked here, before
+    any file is read (alpha by :func:`models.dni.check_alpha`); ValueError names the argument
+    as ``names`` spells it, ``CheckpointError`` a bad file.
     """
-    from pipeline.checkpoint import load_generator
-
-    blend_given = [
-        name for name, v in (("mse_model", mse_model), ("gan_model", gan_model)) if v is not None
+    blend = [
+        name
+        for name, value in ((names.mse_model, mse_model), (names.gan_model, gan_model))
+        if value is not None
     ]
     if model is not None:
-        if blend_given or alpha is not None:
-            raise ValueError("give either a model, or alpha with mse_model and gan_model, not both")
-        _refuse_registered(model)
-        gen, meta = load_generator(model, map_location=map_location)
-        log.debug("loaded generator from %s%s", model, _describe(meta))
-        return gen.eval()
-
-    if alpha is None:
-        if blend_given:
+        if blend or alpha is not None:
             raise ValueError(
-                f"{' and '.join(blend_given)} given without alpha: the DNI blend needs alpha"
+                f"give either {names.model}, or {names.alpha} with {names.mse_model} and "
+                f"{names.gan_model}, not both"
             )
-        raise ValueError("no model given: a checkpoint, or alpha with mse_model and gan_model")
-    if mse_model is None or gan_model is None:
-        raise ValueError("alpha needs both mse_model and gan_model (the DNI blend of the two)")
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or not 0.0 <= alpha <= 1.0
-    ):
-        raise ValueError(f"alpha must be a number in [0, 1] (got {alpha!r})")
-    _refuse_registered(mse_model)
-    _refuse_registered(gan_model)
-
-    from models.dni import blend_generators
-
-    mse, mse_meta = load_generator(mse_model, map_location=map_location)
-    gan, gan_meta = load_generator(gan_model, map_location=map_location)
-    if mse.config != gan.config:
+        loaded = _load_one(model, map_location)
+        return InferenceModel(loaded.model, loaded.scale, str(model), (loaded,))
+    if alpha is None:
+        if blend:
+            raise ValueError(
+                f"{' and '.join(blend)} given without {names.alpha} (the MSE<->GAN blend weight)"
+            )
         raise ValueError(
-            f"cannot blend {mse_model} and {gan_model}: their generator configs differ "
-            f"({_config_difference(mse.config, gan.config)})"
+            f"no model given: {names.model}, or {names.alpha} with {names.mse_model} and "
+            f"{names.gan_model}"
         )
-    log.debug(
-        "DNI blend alpha=%g of MSE %s%s and GAN %s%s",
-        alpha,
-        mse_model,
-        _describe(mse_meta),
-        gan_model,
-        _describe(gan_meta),
-    )
-    return blend_generators(mse, gan, float(alpha))
+    if mse_model is None or gan_model is None:
+        raise ValueError(f"{names.alpha} needs both {names.mse_model} and {names.gan_model}")
+    alpha = check_alpha(alpha, name=names.alpha)
+
+    mse = _load_one(mse_model, map_location)
+    gan = _load_one(gan_model, map_location)
+    if mse.scale != gan.scale:
+        raise ValueError(
+            f"cannot blend {mse_model} and {gan_model}: they were trained with different "
+            f"condition scales ({mse.scale.describe()} vs {gan.scale.describe()})"
+        )
+    try:
+        blended = blend_generators(mse.model, gan.model, alpha)
+    except DNIError as err:
+        raise ValueError(f"cannot blend {mse_model} and {gan_model}: {err}") from None
+    source = f"alpha {alpha:g} blend of {mse_model} (MSE) and {gan_model} (GAN)"
+    log.debug("DNI %s%s%s", source, _describe(mse.metadata), _describe(gan.metadata))
+    return InferenceModel(blended, mse.scale, source, (mse, gan))
 
 
-def _refuse_registered(spec: str | os.PathLike[str]) -> None:
+def _load_one(spec: str | os.PathLike[str], map_location: str | torch.device) -> LoadedGenerator:
     if isinstance(spec, str) and spec.startswith(REGISTERED_MODEL_PREFIX):
         raise ValueError(
             f"{spec}: registered model names are not supported yet; give a checkpoint directory "
             "or .safetensors file"
         )
+    loaded = load_checkpoint(spec, map_location=map_location)
+    log.debug("loaded generator from %s%s", spec, _describe(loaded.metadata))
+    return loaded
 
 
 def _describe(meta: dict) -> str:
     keys = [k for k in ("stage", "iteration", "source") if k in meta]
     return " (" + ", ".join(f"{k}={meta[k]}" for k in keys) + ")" if keys else ""
-
-
-def _config_difference(a: GeneratorConfig, b: GeneratorConfig) -> str:
-    da, db = a.to_dict(), b.to_dict()
-    diffs = [f"{k}: {da[k]} vs {db[k]}" for k in da if da[k] != db[k]]
-    return "; ".join(diffs) or "unknown difference"

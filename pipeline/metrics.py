@@ -67,9 +67,9 @@ from torchmetrics.functional.image import dists as tm_dists
 from pipeline.pretrained import BackboneWeights, PretrainedMode, resolve_backbone
 
 __all__ = [
+    "RANDOM_BACKBONE_TAG",
     "DISTSMetric",
     "LPIPSMetric",
-    "RANDOM_BACKBONE_TAG",
     "psnr",
     "rgb_to_y",
     "ssim",
@@ -221,8 +221,9 @@ class LPIPSMetric(nn.Module):
             # lpips calls torchvision's deprecated `pretrained=` argument; nothing to act on.
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
             # pnet_rand=True: lpips must not fetch the trunk itself; ours is loaded below.
-            self.model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True,
-                                     verbose=False)
+            self.model = lpips.LPIPS(
+                net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False
+            )
         if weights.state_dict is not None:
             net = self.model.net
             net.load_state_dict(_features_state(net.state_dict(), weights.state_dict, 1, ()))

@@ -42,6 +42,8 @@ from pipeline.checkpoint import (
     save_generator,
     summarise_keys,
 )
+from pipeline.condition import DEFAULT_SCALE
+from pipeline.errors import one_line
 
 __all__ = [
     "OfficialImportError",
@@ -218,9 +220,8 @@ def load_official_state_dict(pth_path: str | os.PathLike[str]) -> dict[str, Tens
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OfficialImportError(
-            f"{path}: not a loadable weights-only PyTorch file ({first_line})"
+            f"{path}: not a loadable weights-only PyTorch file ({one_line(exc)})"
         ) from None
     return _strip_module_prefix(_check_flat(obj, str(path)))
 
@@ -248,6 +249,7 @@ def import_official(
         "source_layout": "HaomingCai/CUGAN codes/models/archs/CUGAN_arch.py",
         "converted_keys": len(converted),
     }
-    out = save_generator(out_dir, model, metadata=metadata)
+    # The authors trained with the paper's z = [r / 4, sigma / 50]: the method's scale.
+    out = save_generator(out_dir, model, metadata=metadata, scale=DEFAULT_SCALE)
     logger.info("imported %s (%d tensors) into %s", path, len(converted), out)
     return out

@@ -27,7 +27,6 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,9 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
+from pipeline.atomic import atomic_output
+from pipeline.errors import one_line, os_error_reason
 
 __all__ = [
     "BACKBONES",
@@ -167,31 +169,30 @@ def download_weights(
     """Download ``spec`` into ``dest_dir`` atomically (temp name, verify, rename).
 
     Raises :class:`WeightsDownloadError` with a one-line reason on any failure; no partial file
-    is left behind.
+    is left behind (:func:`pipeline.atomic.atomic_output` discards it when the check fails).
     """
+    final = dest_dir / spec.filename
     try:
         dest_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".part", dir=dest_dir)
     except OSError as err:
-        raise WeightsDownloadError(f"cannot write to {dest_dir}: {err.strerror or err}") from None
-    tmp = Path(tmp_name)
+        raise WeightsDownloadError(f"cannot write to {dest_dir}: {os_error_reason(err)}") from None
     try:
         log.info("downloading %s from %s", spec.filename, spec.url)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=timeout) as resp:
+        with (
+            atomic_output(final) as out,
+            urllib.request.urlopen(spec.url, timeout=timeout) as resp,
+        ):
             while chunk := resp.read(_CHUNK):
                 out.write(chunk)
-        problem = _file_problem(tmp, spec)
-        if problem is not None:
-            raise WeightsDownloadError(f"downloaded file rejected: {problem}")
-        final = dest_dir / spec.filename
-        os.replace(tmp, final)
-        log.info("saved %s (sha256 verified)", final)
-        return final
+            out.flush()
+            problem = _file_problem(Path(out.name), spec)
+            if problem is not None:
+                raise WeightsDownloadError(f"downloaded file rejected: {problem}")
     except (OSError, http.client.HTTPException) as err:
         reason = getattr(err, "reason", None) or err
-        raise WeightsDownloadError(f"download of {spec.url} failed: {reason}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        raise WeightsDownloadError(f"download of {spec.url} failed: {one_line(reason)}") from None
+    log.info("saved %s (sha256 verified)", final)
+    return final
 
 
 def _load(path: Path, spec: BackboneSpec) -> dict[str, Tensor]:
@@ -201,13 +202,10 @@ def _load(path: Path, spec: BackboneSpec) -> dict[str, Tensor]:
     return state
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _missing_message(spec: BackboneSpec, directory: Path, reasons: list[str]) -> str:
+    """One line: every reason is already one (file problems, :class:`WeightsDownloadError`)."""
     why = f" ({'; '.join(reasons)})" if reasons else ""
-    return _one_line(
+    return (
         f"{spec.name} ImageNet weights unavailable{why}: download {spec.url} and put "
         f"{spec.filename} (sha256 {spec.sha256[:16]}...) in {directory}, or set "
         f"${ENV_WEIGHTS_DIR}, or choose pretrained 'random' (numbers not comparable)"
@@ -223,7 +221,10 @@ def _warn_random(spec: BackboneSpec, message: str) -> None:
     log.warning(
         "\n%s\n!! USING RANDOM %s WEIGHTS (pretrained='auto'): results are NOT comparable to "
         "published numbers.\n!! %s\n%s",
-        bar, spec.name.upper(), message, bar,
+        bar,
+        spec.name.upper(),
+        message,
+        bar,
     )
 
 

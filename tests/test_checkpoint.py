@@ -208,7 +208,7 @@ def test_corrupted_files_rejected(saved: tuple[Path, Generator], tmp_path: Path)
 def test_foreign_files_rejected(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_generator(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="no generator.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no generator\.safetensors"):
         load_generator(tmp_path)
     pth = tmp_path / "CUGAN.pth"
     pth.write_bytes(b"PK")
@@ -258,7 +258,9 @@ def test_checkpoint_without_a_scale_uses_the_method_default_with_a_note(tmp_path
     sidecar = tmp_path / "generator.json"
     doc = json.loads(sidecar.read_text())
     del doc["condition_scale"]  # as written before the key existed
-    doc["tensors_sha256"] = hashlib.sha256((tmp_path / "generator.safetensors").read_bytes()).hexdigest()
+    doc["tensors_sha256"] = hashlib.sha256(
+        (tmp_path / "generator.safetensors").read_bytes()
+    ).hexdigest()
     sidecar.write_text(json.dumps(doc))
     with caplog.at_level("INFO", logger="pipeline.checkpoint"):
         loaded = load_checkpoint(tmp_path)
@@ -274,7 +276,9 @@ def test_checkpoint_with_a_bad_scale_is_one_error(tmp_path):
     sidecar = tmp_path / "generator.json"
     doc = json.loads(sidecar.read_text())
     doc["condition_scale"] = {"blur_max": -1.0, "noise_max": 50.0}
-    doc["tensors_sha256"] = hashlib.sha256((tmp_path / "generator.safetensors").read_bytes()).hexdigest()
+    doc["tensors_sha256"] = hashlib.sha256(
+        (tmp_path / "generator.safetensors").read_bytes()
+    ).hexdigest()
     sidecar.write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match="invalid condition_scale: blur_max"):
         load_generator(tmp_path)

@@ -17,7 +17,7 @@ from models.generator import GeneratorConfig
 from models.registry import build_generator
 from pipeline.checkpoint import save_generator
 from pipeline.cli import main
-from pipeline.condition import DEFAULT_SCALE
+from pipeline.condition import DEFAULT_SCALE, ConditionScale
 from pipeline.degradation import degrade, to_tensor, to_uint8
 from pipeline.imageio import read_rgb8, write_png
 from pipeline.inference import load_model_for_inference, restore
@@ -101,7 +101,7 @@ def test_restore_with_levels_equals_the_library(capsys, tmp_path, rgb_png, ckpt)
     )
     assert code == 0, err
     assert "wrote" in err and stdout == ""
-    model = load_model_for_inference(ckpt["mse"])
+    model = load_model_for_inference(ckpt["mse"]).model
     expected = restore(model, _rgb(), DEFAULT_SCALE.to_z(2, 30)[0])
     np.testing.assert_array_equal(read_rgb8(out).array, expected)
 
@@ -187,12 +187,100 @@ def test_dni_blend(capsys, tmp_path, rgb_png, ckpt) -> None:
         outs[alpha] = read_rgb8(out).array
     z = [0.5, 0.6]
     np.testing.assert_array_equal(
-        outs["1"], restore(load_model_for_inference(ckpt["mse"]), _rgb(), z)
+        outs["1"], restore(load_model_for_inference(ckpt["mse"]).model, _rgb(), z)
     )
     np.testing.assert_array_equal(
-        outs["0"], restore(load_model_for_inference(ckpt["gan"]), _rgb(), z)
+        outs["0"], restore(load_model_for_inference(ckpt["gan"]).model, _rgb(), z)
     )
     assert not np.array_equal(outs["0.5"], outs["0"]) and not np.array_equal(outs["0.5"], outs["1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# restore: levels become z with the scale of the checkpoint being used
+
+
+def _without_scale(path: Path) -> Path:
+    """A checkpoint as written before generator.json recorded condition_scale."""
+    import hashlib
+    import json
+
+    sidecar = path / "generator.json"
+    doc = json.loads(sidecar.read_text())
+    del doc["condition_scale"]
+    doc["tensors_sha256"] = hashlib.sha256(
+        (path / "generator.safetensors").read_bytes()
+    ).hexdigest()
+    sidecar.write_text(json.dumps(doc))
+    return path
+
+
+def test_levels_use_the_scale_the_checkpoint_records(capsys, tmp_path, rgb_png) -> None:
+    scale = ConditionScale(blur_max=2.0, noise_max=50.0)
+    model = save_generator(tmp_path / "b2", _strong(seed=6), metadata={}, scale=scale)
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    code, _, err = _run(capsys, "restore", rgb_png, a, "--blur", 1, "--noise", 15, "--model", model)
+    assert code == 0, err
+    assert "z=[0.5,0.3]" in err
+    code, _, err = _run(capsys, "restore", rgb_png, b, "--cond", "0.5,0.3", "--model", model)
+    assert code == 0, err
+    np.testing.assert_array_equal(read_rgb8(a).array, read_rgb8(b).array)
+    # the method's z for the same levels drives this model differently
+    code, _, err = _run(capsys, "restore", rgb_png, c, "--cond", "0.25,0.3", "--model", model)
+    assert code == 0, err
+    assert not np.array_equal(read_rgb8(a).array, read_rgb8(c).array)
+    # and the range is the checkpoint's: 3 px is beyond a model trained up to 2
+    code, _, err = _run(
+        capsys, "restore", rgb_png, tmp_path / "d.png", "--blur", 3, "--noise", 0, "--model", model
+    )
+    _assert_one_line_error(code, err, "--blur must be in [0, 2] (got 3)")
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_a_wider_scale_accepts_its_own_levels(capsys, tmp_path, rgb_png) -> None:
+    scale = ConditionScale(blur_max=8.0, noise_max=100.0)
+    model = save_generator(tmp_path / "wide", _strong(seed=7), metadata={}, scale=scale)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    assert _run(capsys, "restore", rgb_png, a, "--blur", 6, "--noise", 75, "--model", model)[0] == 0
+    assert _run(capsys, "restore", rgb_png, b, "--cond", "0.75,0.75", "--model", model)[0] == 0
+    np.testing.assert_array_equal(read_rgb8(a).array, read_rgb8(b).array)
+
+
+def test_old_checkpoint_restores_with_the_default_scale_and_a_note(capsys, tmp_path, rgb_png):
+    old = _without_scale(save_generator(tmp_path / "old", _strong(seed=8), metadata={}))
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    code, _, err = _run(
+        capsys, "restore", rgb_png, a, "--blur", 1, "--noise", 15, "--model", old, "-q"
+    )
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "no condition_scale recorded" in line]
+    assert len(notes) == 1 and "z = [blur/4, noise/50]" in notes[0] and str(old) in notes[0]
+    assert _run(capsys, "restore", rgb_png, b, "--cond", "0.25,0.3", "--model", old)[0] == 0
+    np.testing.assert_array_equal(read_rgb8(a).array, read_rgb8(b).array)
+
+
+def test_blend_needs_one_scale(capsys, tmp_path, rgb_png, ckpt) -> None:
+    gan = save_generator(
+        tmp_path / "gan-b2", _strong(seed=2), metadata={}, scale=ConditionScale(2.0, 50.0)
+    )
+    out = tmp_path / "o.png"
+    code, _, err = _run(
+        capsys,
+        "restore",
+        rgb_png,
+        out,
+        "--blur",
+        1,
+        "--noise",
+        10,
+        "--alpha",
+        0.5,
+        "--mse-model",
+        ckpt["mse"],
+        "--gan-model",
+        gan,
+    )
+    _assert_one_line_error(code, err, "different condition scales", "z = [blur/2, noise/50]")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +570,7 @@ def test_import_official_then_restore(capsys, tmp_path, rgb_png) -> None:
     pth = _official_pth(tmp_path / "CUGAN.pth", model)
     code, _, err = _run(capsys, "import-official", pth, tmp_path / "imported")
     assert code == 0, err
-    loaded = load_model_for_inference(tmp_path / "imported")
+    loaded = load_model_for_inference(tmp_path / "imported").model
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     code, _, err = _run(

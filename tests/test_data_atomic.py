@@ -55,3 +55,21 @@ def test_ordered_map_keeps_order_with_processes(monkeypatch):
     assert list(ordered_map(_square, items, workers=2)) == [i * i for i in items]
     assert list(ordered_map(_square, items, workers=1)) == [i * i for i in items]
     assert resolve_workers(3) == 3 and 1 <= resolve_workers(0) <= 8
+
+
+def test_atomic_output_streams_and_discards_on_error(tmp_path):
+    from pathlib import Path
+
+    from pipeline.atomic import atomic_output
+
+    path = tmp_path / "big.bin"
+    with atomic_output(path) as fp:
+        for _ in range(3):
+            fp.write(b"chunk")
+        assert not path.exists() and Path(fp.name).parent == tmp_path  # a sibling temp file
+    assert path.read_bytes() == b"chunk" * 3
+    with pytest.raises(ValueError), atomic_output(path) as fp:
+        fp.write(b"bad")
+        raise ValueError("verification failed")
+    assert path.read_bytes() == b"chunk" * 3  # the old file stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]  # no temp file left

@@ -171,8 +171,9 @@ def test_blur_per_sample_equals_one_at_a_time() -> None:
     sigmas = torch.tensor([0.0, 0.5, 2.0, 4.0])
     batch = blur(imgs, sigmas)
     for i in range(4):
-        torch.testing.assert_close(batch[i : i + 1], blur(imgs[i : i + 1], float(sigmas[i])),
-                                   rtol=0, atol=1e-14)
+        torch.testing.assert_close(
+            batch[i : i + 1], blur(imgs[i : i + 1], float(sigmas[i])), rtol=0, atol=1e-14
+        )
     assert torch.equal(batch[0], imgs[0])
 
 
@@ -215,13 +216,16 @@ def test_noise_statistics(sigma: float) -> None:
 def test_noise_added_after_blur_and_scaled_per_sample() -> None:
     img = torch.cat([_to64(_synthetic_image(seed=s)) for s in range(3)])
     blur_levels, noise_levels = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 10.0, 50.0])
-    out = degrade(img, blur_levels, noise_levels, generator=torch.Generator().manual_seed(1),
-                  quantize=False)
+    out = degrade(
+        img, blur_levels, noise_levels, generator=torch.Generator().manual_seed(1), quantize=False
+    )
     residual = out - blur(img, blur_levels)
     assert torch.equal(residual[0], torch.zeros_like(residual[0]))
     g = torch.Generator().manual_seed(1)
-    expected = [torch.randn(img.shape[1:], generator=g, dtype=img.dtype) * s / 255.0
-                for s in noise_levels.tolist()]
+    expected = [
+        torch.randn(img.shape[1:], generator=g, dtype=img.dtype) * s / 255.0
+        for s in noise_levels.tolist()
+    ]
     torch.testing.assert_close(residual, torch.stack(expected), rtol=0, atol=1e-12)
 
 
@@ -232,8 +236,9 @@ def test_quantized_output_is_k_over_255_and_clipped() -> None:
     levels = torch.arange(256, dtype=torch.float32) / 255.0
     assert torch.isin(out, levels).all()
     assert out.min().item() == 0.0 and out.max().item() == 1.0  # sigma 50 saturates somewhere
-    raw = degrade(img, [2.0, 0.0], [50.0, 50.0], generator=torch.Generator().manual_seed(0),
-                  quantize=False)
+    raw = degrade(
+        img, [2.0, 0.0], [50.0, 50.0], generator=torch.Generator().manual_seed(0), quantize=False
+    )
     assert raw.min().item() < 0.0 and raw.max().item() > 1.0
     assert (out - raw.clamp(0, 1)).abs().max().item() <= 0.5 / 255.0 + 1e-6
 
@@ -248,8 +253,14 @@ def test_quantize_rounds_half_up_like_im2uint8() -> None:
     q = quantize(torch.from_numpy(x[exact])) * 255.0
     np.testing.assert_allclose(q.numpy(), k[exact] + 1, rtol=0, atol=1e-9)
     assert (torch.round(torch.from_numpy(x[exact]) * 255.0).numpy() != k[exact] + 1).any()
-    arr = to_uint8(torch.from_numpy(np.broadcast_to(x[exact][:, None, None], (len(x[exact]), 1, 1))
-                                    .reshape(1, 1, -1).repeat(3, 0).copy()))
+    arr = to_uint8(
+        torch.from_numpy(
+            np.broadcast_to(x[exact][:, None, None], (len(x[exact]), 1, 1))
+            .reshape(1, 1, -1)
+            .repeat(3, 0)
+            .copy()
+        )
+    )
     np.testing.assert_array_equal(arr[0, :, 0], (k[exact] + 1).astype(np.uint8))
 
 
@@ -298,8 +309,9 @@ def test_degrade_cpu_generator_same_noise_on_cuda() -> None:
 
 
 def test_sample_levels_on_grid_and_covering() -> None:
-    blur_levels, noise_levels = sample_levels(20000, torch.Generator().manual_seed(0),
-                                              DegradationParams())
+    blur_levels, noise_levels = sample_levels(
+        20000, torch.Generator().manual_seed(0), DegradationParams()
+    )
     assert blur_levels.shape == noise_levels.shape == (20000,)
     blur_idx = torch.round(blur_levels.double() * 10)
     assert torch.allclose(blur_levels.double() * 10, blur_idx, atol=1e-5)

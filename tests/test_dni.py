@@ -92,7 +92,9 @@ def test_mismatches_rejected() -> None:
 def test_blend_requires_same_config() -> None:
     mse, _ = _pair()
     other = Generator(GeneratorConfig(blocks_per_scale=(1, 1, 1), channels_per_scale=(4, 8, 16)))
-    with pytest.raises(DNIError, match="different configs"):
+    with pytest.raises(
+        DNIError, match=r"configs differ .*channels_per_scale: \[4, 8, 8\] vs \[4, 8, 16\]"
+    ):
         blend_generators(mse, other, 0.5)
 
 
@@ -104,3 +106,13 @@ def test_blended_model_is_a_working_generator() -> None:
     assert all(p.device.type == "cpu" and p.requires_grad for p in model.parameters())
     x, z = torch.rand(1, 3, 8, 8), torch.rand(1, 2)
     assert model(x, z).shape == x.shape
+
+
+def test_check_alpha_is_the_one_rule_and_names_the_callers_argument() -> None:
+    from models.dni import check_alpha
+
+    assert check_alpha(0) == 0.0 and check_alpha(1) == 1.0 and check_alpha(0.25) == 0.25
+    with pytest.raises(DNIError, match=r"^--alpha must be in \[0, 1\] \(got 1.5\)$"):
+        check_alpha(1.5, name="--alpha")
+    with pytest.raises(DNIError, match=r"^alpha must be a number in \[0, 1\]"):
+        check_alpha("0.5")  # type: ignore[arg-type]

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from models.generator import Generator, GeneratorConfig
 from models.registry import build_generator
 from pipeline.checkpoint import CheckpointError, save_generator
+from pipeline.condition import DEFAULT_SCALE, ConditionScale
 from pipeline.degradation import to_tensor, to_uint8
+from pipeline.device import resolve_device
 from pipeline.inference import (
     InferenceError,
     _run_tiled,
     load_model_for_inference,
     receptive_field_radius,
-    resolve_device,
     restore,
     tile_layout,
     validate_z,
@@ -237,6 +238,7 @@ def test_bad_tiling_arguments(kw) -> None:
 
 
 def test_resolve_device() -> None:
+    """Inference resolves devices with pipeline.device's resolver (the one for the whole tree)."""
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="unknown device"):
@@ -244,6 +246,8 @@ def test_resolve_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'tpu0'"):
+        restore(build_generator("tiny"), _image(8, 8), Z, device="tpu0")
 
 
 @pytest.mark.gpu
@@ -276,25 +280,25 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_load_checkpoint_dir_and_file(checkpoints: dict[str, Path]) -> None:
-    a = load_model_for_inference(checkpoints["mse"])
-    b = load_model_for_inference(str(checkpoints["mse"] / "generator.safetensors"))
+    a = load_model_for_inference(checkpoints["mse"]).model
+    b = load_model_for_inference(str(checkpoints["mse"] / "generator.safetensors")).model
     assert not a.training
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
 
 
 def test_dni_ends_are_the_two_models_and_the_middle_is_the_average(checkpoints) -> None:
-    mse = load_model_for_inference(checkpoints["mse"])
-    gan = load_model_for_inference(checkpoints["gan"])
+    mse = load_model_for_inference(checkpoints["mse"]).model
+    gan = load_model_for_inference(checkpoints["gan"]).model
     for alpha, ref in ((1.0, mse), (0.0, gan)):
         blend = load_model_for_inference(
             None, mse_model=checkpoints["mse"], gan_model=checkpoints["gan"], alpha=alpha
-        )
+        ).model
         for k, v in blend.state_dict().items():
             assert torch.equal(v, ref.state_dict()[k]), k
     half = load_model_for_inference(
         None, mse_model=checkpoints["mse"], gan_model=checkpoints["gan"], alpha=0.5
-    )
+    ).model
     key = "head.weight"
     assert torch.equal(half.state_dict()[key], (mse.state_dict()[key] + gan.state_dict()[key]) / 2)
 
@@ -318,7 +322,7 @@ def test_load_argument_errors(args, kw, words: str) -> None:
 
 
 def test_dni_with_different_configs(checkpoints) -> None:
-    with pytest.raises(ValueError, match="configs differ.*channels_per_scale"):
+    with pytest.raises(ValueError, match=r"configs differ.*channels_per_scale"):
         load_model_for_inference(
             None, mse_model=checkpoints["mse"], gan_model=checkpoints["other"], alpha=0.5
         )
@@ -331,3 +335,56 @@ def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(CheckpointError):
         load_model_for_inference(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# the z scale travels with the loaded model
+
+
+def _with_scale(path: Path, model: Generator, scale: ConditionScale) -> Path:
+    return save_generator(path, model, metadata={}, scale=scale)
+
+
+def test_loaded_model_carries_its_checkpoint_scale(tmp_path: Path, checkpoints) -> None:
+    half_blur = ConditionScale(blur_max=2.0, noise_max=50.0)
+    path = _with_scale(tmp_path / "b2", _strong(seed=5), half_blur)
+    loaded = load_model_for_inference(path)
+    assert loaded.scale == half_blur and loaded.source == str(path)
+    assert len(loaded.parts) == 1 and loaded.parts[0].path == path
+    assert loaded.config == loaded.model.config and not loaded.model.training
+    assert load_model_for_inference(checkpoints["mse"]).scale == DEFAULT_SCALE
+
+
+def test_blend_carries_the_shared_scale_and_its_parts(checkpoints) -> None:
+    blend = load_model_for_inference(
+        None, mse_model=checkpoints["mse"], gan_model=checkpoints["gan"], alpha=0.25
+    )
+    assert blend.scale == DEFAULT_SCALE
+    assert [part.path for part in blend.parts] == [checkpoints["mse"], checkpoints["gan"]]
+    assert "alpha 0.25 blend" in blend.source
+    # the parts re-blend in memory to the same weights (what a slider does)
+    from models.dni import blend_generators
+
+    again = blend_generators(blend.parts[0].model, blend.parts[1].model, 0.25)
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, blend.model.state_dict()[k]), k
+
+
+def test_blend_of_different_scales_is_one_error(tmp_path: Path, checkpoints) -> None:
+    other = _with_scale(tmp_path / "gan8", _strong(seed=2), ConditionScale(8.0, 50.0))
+    with pytest.raises(ValueError) as info:
+        load_model_for_inference(None, mse_model=checkpoints["mse"], gan_model=other, alpha=0.5)
+    message = str(info.value)
+    assert "\n" not in message
+    assert "different condition scales" in message
+    assert "z = [blur/4, noise/50] vs z = [blur/8, noise/50]" in message
+
+
+def test_argument_names_are_the_callers(checkpoints) -> None:
+    from pipeline.inference import ModelArgumentNames
+
+    names = ModelArgumentNames("-m", "-a", "-b", "-x")
+    with pytest.raises(ValueError, match="-x needs both -a and -b"):
+        load_model_for_inference(None, alpha=0.5, names=names)
+    with pytest.raises(ValueError, match=r"-x must be in \[0, 1\] \(got 2\)"):
+        load_model_for_inference(None, mse_model="p", gan_model="q", alpha=2.0, names=names)

@@ -18,7 +18,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import pipeline.metrics as metrics
 from pipeline.degradation import degrade, to_tensor
-from pipeline.metrics import DISTSMetric, LPIPSMetric, RANDOM_BACKBONE_TAG, psnr, rgb_to_y, ssim
+from pipeline.metrics import RANDOM_BACKBONE_TAG, DISTSMetric, LPIPSMetric, psnr, rgb_to_y, ssim
 from pipeline.pretrained import BackboneWeights, PretrainedWeightsMissing, WeightsDownloadError
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +69,13 @@ def _sk_psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def _sk_ssim(a: np.ndarray, b: np.ndarray) -> float:
     return structural_similarity(
-        a.astype(np.float64), b.astype(np.float64), gaussian_weights=True, sigma=1.5,
-        use_sample_covariance=False, data_range=255, channel_axis=2 if a.ndim == 3 else None,
+        a.astype(np.float64),
+        b.astype(np.float64),
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
+        channel_axis=2 if a.ndim == 3 else None,
     )
 
 
@@ -80,13 +85,17 @@ def _check_against_skimage(clean: np.ndarray, other: np.ndarray) -> None:
         rgb_a, rgb_b = _crop(clean, crop), _crop(other, crop)
         y_a, y_b = _crop(_y255(clean), crop), _crop(_y255(other), crop)
         assert psnr(a, b, crop_border=crop).item() == pytest.approx(
-            _sk_psnr(rgb_a, rgb_b), abs=1e-4)
+            _sk_psnr(rgb_a, rgb_b), abs=1e-4
+        )
         assert ssim(a, b, crop_border=crop).item() == pytest.approx(
-            _sk_ssim(rgb_a, rgb_b), abs=1e-6)
+            _sk_ssim(rgb_a, rgb_b), abs=1e-6
+        )
         assert psnr(a, b, crop_border=crop, y_channel=True).item() == pytest.approx(
-            _sk_psnr(y_a, y_b), abs=1e-4)
+            _sk_psnr(y_a, y_b), abs=1e-4
+        )
         assert ssim(a, b, crop_border=crop, y_channel=True).item() == pytest.approx(
-            _sk_ssim(y_a, y_b), abs=1e-6)
+            _sk_ssim(y_a, y_b), abs=1e-6
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +129,9 @@ def test_metrics_batched_equal_per_image() -> None:
     for fn in (psnr, ssim):
         batch = fn(a, b, crop_border=2, y_channel=True)
         assert batch.shape == (3,)
-        single = torch.cat([fn(a[i : i + 1], b[i : i + 1], crop_border=2, y_channel=True)
-                            for i in range(3)])
+        single = torch.cat(
+            [fn(a[i : i + 1], b[i : i + 1], crop_border=2, y_channel=True) for i in range(3)]
+        )
         torch.testing.assert_close(batch, single, rtol=0, atol=1e-12)
     assert psnr(a[0], b[0]).shape == (1,)  # an unbatched [C, H, W] image
 
@@ -155,8 +165,9 @@ def test_psnr_ssim_on_cuda_equal_cpu() -> None:
     for fn in (psnr, ssim):
         out = fn(a.cuda(), b.cuda(), crop_border=3, y_channel=True)
         assert out.device.type == "cuda"
-        torch.testing.assert_close(out.cpu(), fn(a, b, crop_border=3, y_channel=True),
-                                   rtol=0, atol=1e-9)
+        torch.testing.assert_close(
+            out.cpu(), fn(a, b, crop_border=3, y_channel=True), rtol=0, atol=1e-9
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,6 +207,7 @@ def vgg16_sd() -> dict[str, torch.Tensor]:
 def _fake_resolve(sd: dict[str, torch.Tensor]):
     def resolve(name, mode="auto", cache_dir=None, **_):
         return BackboneWeights(sd, False, f"{name} test weights")
+
     return resolve
 
 
@@ -213,8 +225,9 @@ def test_lpips_equals_lpips_package_on_same_weights(monkeypatch, alexnet_sd) -> 
     reference_trunk = torchvision.models.alexnet(weights=None)
     reference_trunk.load_state_dict(alexnet_sd)
     monkeypatch.setattr(lpips.pretrained_networks.tv, "alexnet", lambda **_: reference_trunk)
-    reference = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=False,
-                            verbose=False).eval()
+    reference = lpips.LPIPS(
+        net="alex", version="0.1", pretrained=True, pnet_rand=False, verbose=False
+    ).eval()
 
     a, b = _image_pair()
     with torch.no_grad():
@@ -290,8 +303,8 @@ def test_imagenet_mode_without_weights_raises(monkeypatch, tmp_path) -> None:
 
     monkeypatch.setattr(pretrained, "download_weights", fail)
     monkeypatch.setattr(pretrained, "_hub_checkpoints_dir", lambda: tmp_path / "hub")
-    with pytest.raises(PretrainedWeightsMissing, match="alexnet-owt-7be5be79.pth"):
+    with pytest.raises(PretrainedWeightsMissing, match=r"alexnet-owt-7be5be79\.pth"):
         LPIPSMetric("imagenet", cache_dir=tmp_path)
-    with pytest.raises(PretrainedWeightsMissing, match="vgg16-397923af.pth"):
+    with pytest.raises(PretrainedWeightsMissing, match=r"vgg16-397923af\.pth"):
         DISTSMetric("imagenet", cache_dir=tmp_path)
     assert RANDOM_BACKBONE_TAG in DISTSMetric("auto", cache_dir=tmp_path).label

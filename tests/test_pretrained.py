@@ -57,8 +57,9 @@ def _fake_weights(path: Path, value: float = 1.0) -> dict[str, torch.Tensor]:
 def _expect(monkeypatch, name: str, path: Path) -> None:
     """Make ``path`` the expected file of ``name`` (its real sha256 and size)."""
     data = path.read_bytes()
-    spec = dataclasses.replace(BACKBONES[name], sha256=hashlib.sha256(data).hexdigest(),
-                               size=len(data))
+    spec = dataclasses.replace(
+        BACKBONES[name], sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+    )
     monkeypatch.setitem(BACKBONES, name, spec)
 
 
@@ -180,8 +181,10 @@ def test_download_is_atomic_and_verified(monkeypatch, tmp_path) -> None:
     state = _fake_weights(source)
     monkeypatch.setattr(pretrained.urllib.request, "urlopen", _file_urlopen)
     good = dataclasses.replace(
-        BACKBONES["alexnet"], url=source.as_uri(),
-        sha256=hashlib.sha256(source.read_bytes()).hexdigest(), size=source.stat().st_size,
+        BACKBONES["alexnet"],
+        url=source.as_uri(),
+        sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+        size=source.stat().st_size,
     )
     dest = tmp_path / "cache"
     path = download_weights(good, dest)
@@ -206,8 +209,10 @@ def test_auto_mode_downloads_into_cache(monkeypatch, tmp_path) -> None:
     source = tmp_path / "server" / "weights.pth"
     _fake_weights(source)
     spec = dataclasses.replace(
-        BACKBONES["vgg19"], url=source.as_uri(),
-        sha256=hashlib.sha256(source.read_bytes()).hexdigest(), size=source.stat().st_size,
+        BACKBONES["vgg19"],
+        url=source.as_uri(),
+        sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+        size=source.stat().st_size,
     )
     monkeypatch.setitem(BACKBONES, "vgg19", spec)
     monkeypatch.setattr(pretrained.urllib.request, "urlopen", _file_urlopen)
