@@ -36,7 +36,7 @@ import torch
 
 from models.registry import build_discriminator, build_generator
 from pipeline.config import Params, load_params, parse_params
-from pipeline.data.loader import Batch
+from pipeline.data.batch import Batch
 from pipeline.train.loop import LocalSession, run_worker, stage_params
 from pipeline.train.losses import GANLoss, PerceptualLoss
 from pipeline.train.steps import Nets, Optimizers, gan_step, mse_step

@@ -153,7 +153,7 @@ def test_optimizer_state_lands_on_the_gpu_after_resume(tmp_path):
 
 def test_fixed_degradation_baseline_trains_on_one_setting(tmp_path):
     """The Unet/UGAN baselines: the same loop, every batch re-degraded at one (r, sigma)."""
-    from pipeline.data.loader import Batch
+    from pipeline.data.batch import Batch
     from pipeline.degradation import degrade
     from pipeline.train.loop import _FixedDegradation
     from pipeline.train.tensors import synthetic_samples

@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from models.registry import build_discriminator, build_generator
 from pipeline.config import Params, TrainStageParams, parse_params
-from pipeline.data.loader import Batch, TrainLoader, build_train_loader
+from pipeline.data.batch import Batch, TrainLoader
+from pipeline.data.loader import build_train_loader
 from pipeline.condition import ConditionScale
 from pipeline.degradation import degrade
 from pipeline.train.losses import GANLoss, PerceptualLoss

@@ -164,7 +164,7 @@ def check_stage(
                 f"[0, {d.noise_max:g}]"
             )
     if shards_dir is not None:
-        from pipeline.data.loader import LoaderError, batches_per_epoch, read_shard_set
+        from pipeline.data.batch import LoaderError, batches_per_epoch, read_shard_set
         from pipeline.data.shards import ShardError
 
         try:
