@@ -48,10 +48,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from pipeline.config import ExtractParams, Params, ShardParams, parse_params  # noqa: E402
-from pipeline.data.dali_pipeline import level_grid  # noqa: E402
-from pipeline.data.loader import build_train_loader, read_shard_set  # noqa: E402
-from pipeline.data.torch_loader import SampleTable, read_sample_table  # noqa: E402
+from pipeline.condition import ConditionScale
+from pipeline.config import ExtractParams, Params, ShardParams, parse_params
+from pipeline.data.batch import read_shard_set
+from pipeline.data.dali_pipeline import level_grid
+from pipeline.data.loader import build_train_loader
+from pipeline.data.torch_loader import SampleTable, read_sample_table
 
 log = logging.getLogger("benchmarks.loader")
 
@@ -66,8 +68,9 @@ def build_shards(images_dir: Path, out_dir: Path, subimage_size: int) -> int:
     from pipeline.data.shards import write_shards
     from pipeline.imageio import ImageError, read_rgb8
 
-    extract = ExtractParams(crop_size=subimage_size, step=subimage_size // 2,
-                            thresh_size=subimage_size // 4)
+    extract = ExtractParams(
+        crop_size=subimage_size, step=subimage_size // 2, thresh_size=subimage_size // 4
+    )
     samples = []
     for path in sorted(images_dir.iterdir()):
         if path.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}:
@@ -79,12 +82,13 @@ def build_shards(images_dir: Path, out_dir: Path, subimage_size: int) -> int:
             continue
         stem = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
         for y, x in subimage_grid(array.shape[0], array.shape[1], extract):
-            png = encode_png(array[y:y + subimage_size, x:x + subimage_size], 1)
+            png = encode_png(array[y : y + subimage_size, x : x + subimage_size], 1)
             samples.append({"key": subimage_key(stem, y, x), "png": png})
     if not samples:
         raise SystemExit(f"{images_dir}: no images of at least {subimage_size} pixels a side")
-    write_shards(samples, lambda s: s["png"], out_dir, ShardParams(max_count=256),
-                 crop_size=subimage_size)
+    write_shards(
+        samples, lambda s: s["png"], out_dir, ShardParams(max_count=256), crop_size=subimage_size
+    )
     return len(samples)
 
 
@@ -101,7 +105,7 @@ class BasicSRStyleDataset(torch.utils.data.Dataset):
         deg = params.degradation
         self.blur_grid = level_grid(deg.blur_max, deg.blur_step)
         self.noise_grid = level_grid(deg.noise_max, deg.noise_step)
-        self.blur_max, self.noise_max = deg.blur_max, deg.noise_max
+        self.scale = ConditionScale.from_params(deg)
         self.kernel_size = deg.kernel_size
         self.seed = seed
         self._files: dict[int, int] = {}
@@ -124,7 +128,7 @@ class BasicSRStyleDataset(torch.utils.data.Dataset):
         img = cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1].astype(np.float32) / 255.0
         h, w = img.shape[:2]
         top, left = rng.integers(0, h - self.crop + 1), rng.integers(0, w - self.crop + 1)
-        img = img[top:top + self.crop, left:left + self.crop]
+        img = img[top : top + self.crop, left : left + self.crop]
         if rng.random() < 0.5:
             img = img[:, ::-1]
         if rng.random() < 0.5:
@@ -141,9 +145,12 @@ class BasicSRStyleDataset(torch.utils.data.Dataset):
             blurred = clean
         noisy = blurred + rng.standard_normal(clean.shape, dtype=np.float32) * (sigma / 255.0)
         degraded = np.floor(np.clip(noisy, 0.0, 1.0) * 255.0 + 0.5) / 255.0
-        z = torch.tensor([r / self.blur_max, sigma / self.noise_max], dtype=torch.float32)
-        return (torch.from_numpy(degraded.transpose(2, 0, 1).copy()),
-                torch.from_numpy(clean.transpose(2, 0, 1).copy()), z)
+        z = self.scale.to_z(r, sigma)[0]
+        return (
+            torch.from_numpy(degraded.transpose(2, 0, 1).copy()),
+            torch.from_numpy(clean.transpose(2, 0, 1).copy()),
+            z,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +175,9 @@ def measure(batches: Iterator, batch_size: int, device: torch.device, seconds: f
     return count * batch_size / (time.perf_counter() - start)
 
 
-def open_loader(name: str, shards: Path, params: Params, device: torch.device,
-                args: argparse.Namespace) -> tuple[Iterator, str]:
+def open_loader(
+    name: str, shards: Path, params: Params, device: torch.device, args: argparse.Namespace
+) -> tuple[Iterator, str]:
     """An endless batch iterator for one loader, and where its work runs."""
     if name in ("dali", "torch"):
         p = params.model_copy(update={"loader": params.loader.model_copy(update={"backend": name})})
@@ -178,8 +186,13 @@ def open_loader(name: str, shards: Path, params: Params, device: torch.device,
         return endless(lambda: iter(loader)), where
     dataset = BasicSRStyleDataset(read_sample_table(read_shard_set(shards)), params, args.seed)
     dl = torch.utils.data.DataLoader(
-        dataset, batch_size=params.loader.batch_size, shuffle=True, drop_last=True,
-        num_workers=args.threads, persistent_workers=True, prefetch_factor=2,
+        dataset,
+        batch_size=params.loader.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.threads,
+        persistent_workers=True,
+        prefetch_factor=2,
         pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(args.seed),
     )
@@ -196,18 +209,28 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", type=Path, help="existing shards directory")
     source.add_argument("--images", type=Path, help="folder of images -> temporary shards")
-    parser.add_argument("--subimage-size", type=int, default=192,
-                        help="sub-image size for --images (the extract stage uses 192)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="DALI threads = torch/basicsr DataLoader workers")
+    parser.add_argument(
+        "--subimage-size",
+        type=int,
+        default=192,
+        help="sub-image size for --images (the extract stage uses 192)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="DALI threads = torch/basicsr DataLoader workers"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=12.0, help="timed seconds per loader")
-    parser.add_argument("--rounds", type=int, default=4,
-                        help="interleaved timing rounds (median reported)")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="interleaved timing rounds (median reported)"
+    )
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches per loader")
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
-                        help="gpu: DALI GPU pipeline, all batches delivered to cuda:0")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="gpu: DALI GPU pipeline, all batches delivered to cuda:0",
+    )
     parser.add_argument("--loaders", default="dali,torch,basicsr")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -217,10 +240,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--device gpu needs CUDA; run this on a GPU machine")
     device = torch.device("cuda:0" if args.device == "gpu" else "cpu")
     torch.set_num_threads(1)  # the main process only collects batches; workers do the work
-    params = parse_params({"loader": {
-        "crop": args.crop, "batch_size": args.batch_size, "num_threads": args.threads,
-        "device": args.device, "shuffle_buffer": 1024,
-    }})
+    params = parse_params(
+        {
+            "loader": {
+                "crop": args.crop,
+                "batch_size": args.batch_size,
+                "num_threads": args.threads,
+                "device": args.device,
+                "shuffle_buffer": 1024,
+            }
+        }
+    )
     loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     unknown = set(loaders) - {"dali", "torch", "basicsr"}
     if unknown:
@@ -234,9 +264,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"built {count} sub-images of {args.subimage_size}px from {args.images}")
         num = read_shard_set(shards).num_samples
         print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
-        print(f"{num} samples, batch {args.batch_size}, crop {args.crop}, {args.threads} "
-              f"threads/workers, {os.cpu_count()} CPUs visible, {args.seconds:g} s per loader "
-              f"in {args.rounds} interleaved rounds, batches delivered to {device}")
+        print(
+            f"{num} samples, batch {args.batch_size}, crop {args.crop}, {args.threads} "
+            f"threads/workers, {os.cpu_count()} CPUs visible, {args.seconds:g} s per loader "
+            f"in {args.rounds} interleaved rounds, batches delivered to {device}"
+        )
         opened = {name: open_loader(name, shards, params, device, args) for name in loaders}
         for batches, _ in opened.values():  # start-up, first fills of the buffers
             for _ in range(args.warmup):
@@ -245,8 +277,9 @@ def main(argv: list[str] | None = None) -> None:
         rates: dict[str, list[float]] = {name: [] for name in loaders}
         for _ in range(args.rounds):
             for name, (batches, _) in opened.items():
-                rates[name].append(measure(batches, args.batch_size, device,
-                                           args.seconds / args.rounds))
+                rates[name].append(
+                    measure(batches, args.batch_size, device, args.seconds / args.rounds)
+                )
 
     median = {name: float(np.median(r)) for name, r in rates.items()}
     base = median.get("basicsr")

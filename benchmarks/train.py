@@ -7,11 +7,16 @@ Three measurements, in samples per second (global batch x iterations / seconds):
 
 * ``ceiling``   a bare loop of ``mse_step``/``gan_step`` over batches made in advance (in
                 memory, already degraded), same model, batch and torch threads: compute only;
-* ``full``      ``pipeline.train.loop.run_worker`` in this process on the real shards: loader
+* ``full``      ``pipeline.train.loop.run_worker`` in this process (``LocalSession``, the same
+                loop Ray runs, with the same typed ``WorkerConfig``) on the real shards: loader
                 (``--backend``: DALI or torch, reading and degrading), step, per-iteration loss
                 recording, MLflow logging (a scratch sqlite store), the progress line;
 * ``ray-1`` / ``ray-2``  the same stage through Ray Train (``run_stage``) with 1 worker x N
                 CPUs and with 2 workers x N/2 CPUs each (DDP over gloo), global batch constant.
+
+``--synthetic N`` runs ``full`` and ``ray-*`` on N pre-made samples instead of shards (the test
+seam, :class:`pipeline.train.testing.TestHooks`): the loop without the loader, and a smoke run
+that needs no data stages.
 
 ``full / ceiling`` is the share of compute time the loop keeps; ``ray-2 / ray-1`` the scaling.
 Rates exclude the first ``--warmup`` iterations (pipeline start-up, first epoch) and time
@@ -36,12 +41,15 @@ import torch
 
 from models.registry import build_discriminator, build_generator
 from pipeline.config import Params, load_params, parse_params
-from pipeline.data.loader import Batch
-from pipeline.train.loop import LocalSession, run_worker, stage_params
+from pipeline.data.batch import Batch
+from pipeline.tracking import TrackingTarget
+from pipeline.train.loop import run_worker
 from pipeline.train.losses import GANLoss, PerceptualLoss
+from pipeline.train.session import LocalSession
 from pipeline.train.steps import Nets, Optimizers, gan_step, mse_step
 from pipeline.train.tensors import synthetic_samples
-from pipeline.tracking import TrackingTarget
+from pipeline.train.testing import SyntheticData, TestHooks
+from pipeline.train.worker_config import WorkerConfig, stage_params
 
 log = logging.getLogger("benchmarks.train")
 
@@ -116,20 +124,29 @@ def _window_rates(metric_rows: list[tuple[int, float]], warmup: int) -> float:
     return sum(rates) / len(rates) if rates else float("nan")
 
 
+def _hooks(args: argparse.Namespace) -> TestHooks | None:
+    """Synthetic samples instead of shards (``--synthetic``), else None: the real loader."""
+    if not args.synthetic:
+        return None
+    return TestHooks(synthetic=SyntheticData(num_samples=args.synthetic, seed=0))
+
+
+def _shards(args: argparse.Namespace) -> Path | None:
+    return None if args.synthetic else Path(args.shards).resolve()
+
+
 def full_loop(args: argparse.Namespace, params: Params, tmp: Path) -> float:
     from pipeline.tracking import RunLog, start_stage_run
 
     target = start_stage_run(params.tracking, stage=f"bench_{args.stage}", out_dir=tmp / "full")
-    config = {
-        "params": params.model_dump(mode="json"),
-        "stage": args.stage,
-        "data": {"kind": "shards", "shards_dir": str(Path(args.shards).resolve())},
-        "evalsets_dir": None,
-        "init_dir": None,
-        "tracking": target.to_dict(),
-        "threads": args.threads,
-    }
-    run_worker(config, LocalSession(tmp / "full-ckpt"))
+    config = WorkerConfig(
+        params=params,
+        stage=args.stage,
+        tracking=target,
+        shards_dir=_shards(args),
+        threads=args.threads,
+    )
+    run_worker(config, LocalSession(tmp / "full-ckpt"), _hooks(args))
     RunLog(target).finish()
     return _rates_from_mlflow(target, args.warmup)
 
@@ -150,8 +167,9 @@ def ray_run(args: argparse.Namespace, workers: int, tmp: Path) -> tuple[float, f
         params,
         args.stage,
         out_dir=tmp / f"ray{workers}" / "out",
-        shards_dir=args.shards,
+        shards_dir=_shards(args),
         run_name=f"bench-{workers}-{time.time_ns()}",
+        test_hooks=_hooks(args),
     )
     wall = time.perf_counter() - t0
     return _rates_from_mlflow(result.tracking, args.warmup), wall
@@ -165,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generator", default="demo")
     ap.add_argument("--discriminator", default=None)
     ap.add_argument("--backend", choices=("dali", "torch"), default="dali")
+    ap.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train full/ray-* on N synthetic samples instead of --shards (no loader)",
+    )
     ap.add_argument("--batch", type=int, default=16, help="global batch")
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=30, help="timed iterations")
@@ -198,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\ntraining throughput: stage {args.stage}, generator {args.generator}, global batch "
-        f"{args.batch}, crop {args.crop}, loader {args.backend}, {args.threads} CPU thread(s), "
+        f"{args.batch}, crop {args.crop}, "
+        f"loader {'synthetic tensors' if args.synthetic else args.backend}, "
+        f"{args.threads} CPU thread(s), "
         f"{args.iterations} timed iterations after {args.warmup}; ceiling/full: median of "
         f"{args.repeats} alternating runs"
     )

@@ -131,6 +131,7 @@ def ablation_trial(config: dict[str, Any]) -> None:
     from pipeline.eval_report import log_report_to_mlflow, write_report
     from pipeline.evaluation import ModelSpec, evaluate_models
     from pipeline.tracking import PARENT_ENV, flatten_params
+    from pipeline.train.testing import SyntheticData, TestHooks
     from pipeline.train.trainer import run_stage
 
     params = parse_params(config["params"], source=f"trial {config['variant']}")
@@ -146,7 +147,7 @@ def ablation_trial(config: dict[str, Any]) -> None:
         stage_kwargs: dict[str, Any] = (
             {"shards_dir": data["shards_dir"]}
             if data.get("shards_dir")
-            else {"synthetic": dict(data["synthetic"])}
+            else {"test_hooks": TestHooks(synthetic=SyntheticData(**data["synthetic"]))}
         )
         t0 = time.perf_counter()
         result = run_stage(params, "cunet", out_dir=trial_dir / "train_cunet", **stage_kwargs)

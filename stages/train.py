@@ -19,6 +19,7 @@ import sys
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_params
+from pipeline.errors import one_line
 from pipeline.pretrained import PretrainedWeightsMissing
 
 log = logging.getLogger("stages.train")
@@ -54,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             init_dir=args.init,
         )
     except (ConfigError, PretrainedWeightsMissing, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except StageFailed as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
     psnr = result.metrics.get("val/psnr/mean")
     if psnr is not None:

@@ -75,6 +75,7 @@ def stack():
 def trained(stack):
     """CUnet, tiny, 2 workers on the stack's cluster, tracked on its MLflow server."""
     from pipeline.config import parse_params
+    from pipeline.train.testing import SyntheticData, TestHooks
     from pipeline.train.trainer import run_stage
 
     if stack.mlflow_uri is None:
@@ -113,7 +114,10 @@ def trained(stack):
             mp.setenv(key, value)
         mp.delenv("CUGAN_MLFLOW_PARENT_RUN_ID", raising=False)
         result = run_stage(
-            params, "cunet", out_dir=root / "train_cunet", synthetic={"num_samples": 24, "seed": 0}
+            params,
+            "cunet",
+            out_dir=root / "train_cunet",
+            test_hooks=TestHooks(synthetic=SyntheticData(num_samples=24, seed=0)),
         )
     return result
 

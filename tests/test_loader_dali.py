@@ -12,39 +12,40 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline.config import ShardParams, parse_params  # noqa: E402
-from pipeline.data.dali_pipeline import (  # noqa: E402
+from pipeline.config import ShardParams, parse_params
+from pipeline.data.batch import Batch, LoaderError, TrainLoader, read_shard_set
+from pipeline.data.dali_pipeline import (
     DaliTrainLoader,
     _pipeline_device_id,
     build_train_pipeline,
     level_grid,
     rank_seed,
 )
-from pipeline.data.extract import encode_png  # noqa: E402
-from pipeline.data.loader import (  # noqa: E402
-    Batch,
-    LoaderError,
-    TrainLoader,
-    build_train_loader,
-    read_shard_set,
-)
-from pipeline.data.shards import ShardError, write_index, write_shards  # noqa: E402
+from pipeline.data.extract import encode_png
+from pipeline.data.loader import build_train_loader
+from pipeline.data.shards import ShardError, write_index, write_shards
 
 SIZE, CROP = 24, 16
 
 
 def make_shards(directory: Path, n: int, per_shard: int = 3) -> None:
     rng = np.random.default_rng(0)
-    samples = [{"key": f"img{i:02d}-y0-x0",
-                "png": encode_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), 1)}
-               for i in range(n)]
-    write_shards(samples, lambda s: s["png"], directory, ShardParams(max_count=per_shard),
-                 crop_size=SIZE)
+    samples = [
+        {
+            "key": f"img{i:02d}-y0-x0",
+            "png": encode_png(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), 1),
+        }
+        for i in range(n)
+    ]
+    write_shards(
+        samples, lambda s: s["png"], directory, ShardParams(max_count=per_shard), crop_size=SIZE
+    )
 
 
 def params(**loader):
-    return parse_params({"loader": {"crop": CROP, "batch_size": 4, "num_threads": 1,
-                                    "backend": "dali", **loader}})
+    return parse_params(
+        {"loader": {"crop": CROP, "batch_size": 4, "num_threads": 1, "backend": "dali", **loader}}
+    )
 
 
 @pytest.fixture()
@@ -76,10 +77,19 @@ def test_batches_have_the_documented_form(shards):
 
 def test_levels_cover_the_grid_uniformly(shards):
     """Blur and noise levels are drawn from the whole grid (41 x 51 values)."""
-    args = dict(tars=read_shard_set(shards).tars, indices=read_shard_set(shards).indices,
-                batch_size=64, crop=CROP, blur_values=level_grid(4.0, 0.1),
-                noise_values=level_grid(50.0, 1.0), blur_max=4.0, noise_max=50.0, seed=3,
-                num_threads=1, debug=True)
+    args = {
+        "tars": read_shard_set(shards).tars,
+        "indices": read_shard_set(shards).indices,
+        "batch_size": 64,
+        "crop": CROP,
+        "blur_values": level_grid(4.0, 0.1),
+        "noise_values": level_grid(50.0, 1.0),
+        "blur_max": 4.0,
+        "noise_max": 50.0,
+        "seed": 3,
+        "num_threads": 1,
+        "debug": True,
+    }
     pipe = build_train_pipeline(**args)
     pipe.build()
     blur, noise = [], []
@@ -146,7 +156,8 @@ def test_bad_state_is_refused(shards):
         ({"seed": -1}, {}, "seed must be"),
         ({}, {"crop": 32}, "larger than the shards' sub-images"),
         ({"world_size": 4}, {}, "fewer than loader.batch_size"),
-        ({"device": "tpu:0"}, {}, "not a torch device"),
+        # the device goes through pipeline.device.resolve_device, the one resolver
+        ({"device": "tpu:0"}, {}, "loader: unknown device 'tpu:0'"),
     ],
 )
 def test_bad_settings_fail_with_one_line(shards, kwargs, loader_cfg, message):
@@ -210,9 +221,18 @@ def test_gpu_pipeline_is_selected_and_agrees_with_cpu_semantics(shards):
     assert torch.allclose(batch.degraded * 255, torch.round(batch.degraded * 255), atol=1e-4)
     # zero levels on the GPU: degraded == clean exactly (alignment of the GPU augmentations)
     s = read_shard_set(shards)
-    pipe = build_train_pipeline(tars=s.tars, indices=s.indices, batch_size=4, crop=CROP,
-                                blur_values=[0.0], noise_values=[0.0], blur_max=4.0,
-                                noise_max=50.0, device_id=0, num_threads=1)
+    pipe = build_train_pipeline(
+        tars=s.tars,
+        indices=s.indices,
+        batch_size=4,
+        crop=CROP,
+        blur_values=[0.0],
+        noise_values=[0.0],
+        blur_max=4.0,
+        noise_max=50.0,
+        device_id=0,
+        num_threads=1,
+    )
     pipe.build()
     degraded, clean, z = (o.as_cpu().as_array() for o in pipe.run())
     assert np.array_equal(degraded, clean) and not z.any()
@@ -236,8 +256,18 @@ def test_gpu_restore_continues_with_the_same_batches(shards):
 def test_loader_debug_outputs_are_documented(shards):
     loader = DaliTrainLoader(read_shard_set(shards), params(), debug=True)
     out = next(loader.iter_outputs())
-    assert set(out) == {"degraded", "clean", "z", "blur", "noise", "top_left", "hflip",
-                        "vflip", "transpose", "source_info"}
+    assert set(out) == {
+        "degraded",
+        "clean",
+        "z",
+        "blur",
+        "noise",
+        "top_left",
+        "hflip",
+        "vflip",
+        "transpose",
+        "source_info",
+    }
     assert torch.allclose(out["z"][:, 0] * 4, out["blur"])
 
 

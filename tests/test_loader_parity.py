@@ -20,8 +20,9 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline.config import ShardParams, parse_params  # noqa: E402
-from pipeline.data.dali_pipeline import (  # noqa: E402
+from pipeline.config import ShardParams, parse_params
+from pipeline.data.batch import read_shard_set
+from pipeline.data.dali_pipeline import (
     DEBUG_OUTPUTS,
     OUTPUTS,
     DaliTrainLoader,
@@ -29,11 +30,11 @@ from pipeline.data.dali_pipeline import (  # noqa: E402
     level_grid,
     run_degradation,
 )
-from pipeline.data.extract import encode_png  # noqa: E402
-from pipeline.data.loader import build_train_loader, read_shard_set  # noqa: E402
-from pipeline.data.shards import write_shards  # noqa: E402
-from pipeline.degradation import blur as ref_blur  # noqa: E402
-from pipeline.degradation import degrade, quantize  # noqa: E402
+from pipeline.data.extract import encode_png
+from pipeline.data.loader import build_train_loader
+from pipeline.data.shards import write_shards
+from pipeline.degradation import blur as ref_blur
+from pipeline.degradation import degrade, quantize
 
 CBSD68 = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "CBSD68"
 SIZE = 24  # sub-image size of the tiny shards
@@ -56,8 +57,9 @@ def make_shards(directory: Path, n: int, per_shard: int = 3) -> dict[str, np.nda
     """Shards of ``n`` identifiable images via the shards stage's writer; returns key -> image."""
     images = {f"img{i:02d}-y0-x0": textured_image(i) for i in range(n)}
     samples = [{"key": k, "png": encode_png(v, 1)} for k, v in images.items()]
-    write_shards(samples, lambda s: s["png"], directory, ShardParams(max_count=per_shard),
-                 crop_size=SIZE)
+    write_shards(
+        samples, lambda s: s["png"], directory, ShardParams(max_count=per_shard), crop_size=SIZE
+    )
     return images
 
 
@@ -76,10 +78,21 @@ def key_of(source_info: np.ndarray) -> str:
 
 def pipeline_args(shards_dir: Path, **overrides):
     s = read_shard_set(shards_dir)
-    args = dict(tars=s.tars, indices=s.indices, batch_size=4, crop=CROP,
-                blur_values=level_grid(4.0, 0.1), noise_values=level_grid(50.0, 1.0),
-                blur_max=4.0, noise_max=50.0, kernel_size=21, seed=11, num_threads=1,
-                shuffle_buffer=64, debug=True)
+    args = {
+        "tars": s.tars,
+        "indices": s.indices,
+        "batch_size": 4,
+        "crop": CROP,
+        "blur_values": level_grid(4.0, 0.1),
+        "noise_values": level_grid(50.0, 1.0),
+        "blur_max": 4.0,
+        "noise_max": 50.0,
+        "kernel_size": 21,
+        "seed": 11,
+        "num_threads": 1,
+        "shuffle_buffer": 64,
+        "debug": True,
+    }
     args.update(overrides)
     return args
 
@@ -87,8 +100,10 @@ def pipeline_args(shards_dir: Path, **overrides):
 def run_batches(pipe, iterations: int) -> list[dict[str, np.ndarray]]:
     pipe.build()
     names = list(OUTPUTS) + list(DEBUG_OUTPUTS)
-    return [{name: np.array(out.as_tensor()) for name, out in zip(names, pipe.run())}
-            for _ in range(iterations)]
+    return [
+        {name: np.array(out.as_tensor()) for name, out in zip(names, pipe.run())}
+        for _ in range(iterations)
+    ]
 
 
 def sample_images(count: int = 6, size: int = 64) -> list[np.ndarray]:
@@ -97,9 +112,9 @@ def sample_images(count: int = 6, size: int = 64) -> list[np.ndarray]:
         from PIL import Image
 
         files = sorted(CBSD68.glob("*.png"))[:count]
-        return [np.asarray(Image.open(f).convert("RGB"))[:size, 10:10 + size + 7] for f in files]
+        return [np.asarray(Image.open(f).convert("RGB"))[:size, 10 : 10 + size + 7] for f in files]
     rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size + 7]
+    yy, xx = np.mgrid[0:size, 0 : size + 7]
     out = []
     for _ in range(count):
         base = 127 + 100 * np.sin(xx / rng.uniform(2, 9))[..., None] * np.cos(yy / 5)[..., None]
@@ -178,8 +193,9 @@ def test_gpu_degradation_matches_reference():
     out = run_degradation(images, levels, [0.0] * 4, device_id=0)
     expected = degrade(as_batch(images).double(), torch.tensor(levels), 0.0).numpy()
     assert np.abs(out["degraded"] - expected).max() <= 1 / 255 + 1e-6
-    noisy = run_degradation([np.full((64, 64, 3), 128, np.uint8)] * 2, [0.0, 0.0], [30.0, 30.0],
-                            device_id=0)
+    noisy = run_degradation(
+        [np.full((64, 64, 3), 128, np.uint8)] * 2, [0.0, 0.0], [30.0, 30.0], device_id=0
+    )
     assert (noisy["noisy"] - noisy["blurred"]).std() == pytest.approx(30 / 255, rel=0.04)
 
 
@@ -199,8 +215,8 @@ def test_z_encodes_applied_levels_and_blur_is_that_level(tmp_path):
         assert np.abs(b["degraded"] - expected).max() <= 1 / 255 + 1e-6
         # ... and not some other level: a level 0.5 away is measurably worse.
         for i in range(len(blur)):
-            other = degrade(clean[i:i + 1], float(abs(blur[i] - 0.5)), 0.0).numpy()
-            if not np.array_equal(other, expected[i:i + 1]):
+            other = degrade(clean[i : i + 1], float(abs(blur[i] - 0.5)), 0.0).numpy()
+            if not np.array_equal(other, expected[i : i + 1]):
                 assert np.abs(b["degraded"][i] - other).max() > 1 / 255
     levels = np.concatenate([b["blur"] for b in batches])
     assert set(np.round(levels * 10).astype(int).tolist()) <= set(range(41))
@@ -222,15 +238,16 @@ def test_clean_patch_is_a_flipped_or_transposed_window_of_the_sample(tmp_path):
             key = key_of(b["source_info"][i])
             assert image_id(b["clean"][i]) == int(key[3:5])  # key <-> pixels agree
             top, left = b["top_left"][i]
-            window = images[key][top:top + CROP, left:left + CROP]
+            window = images[key][top : top + CROP, left : left + CROP]
             if b["hflip"][i]:
                 window = window[:, ::-1]
             if b["vflip"][i]:
                 window = window[::-1]
             if b["transpose"][i]:
                 window = window.transpose(1, 0, 2)
-            assert np.array_equal(np.round(b["clean"][i] * 255).astype(np.uint8),
-                                  window.transpose(2, 0, 1))
+            assert np.array_equal(
+                np.round(b["clean"][i] * 255).astype(np.uint8), window.transpose(2, 0, 1)
+            )
             seen.add((int(b["hflip"][i]), int(b["vflip"][i]), bool(b["transpose"][i])))
     assert len(seen) >= 6  # the dihedral draws do vary (8 possible)
 
@@ -256,8 +273,9 @@ def test_two_ranks_read_disjoint_samples_covering_the_set(tmp_path, n):
     make_shards(tmp_path, n)
     params = parse_params({"loader": {"crop": CROP, "batch_size": 2, "num_threads": 1}})
     shards = read_shard_set(tmp_path)
-    loaders = [DaliTrainLoader(shards, params, rank=r, world_size=2, seed=5, debug=True)
-               for r in (0, 1)]
+    loaders = [
+        DaliTrainLoader(shards, params, rank=r, world_size=2, seed=5, debug=True) for r in (0, 1)
+    ]
     assert len(loaders[0]) == len(loaders[1]) == (n // 2) // 2
     for _epoch in range(3):
         keys = [epoch_keys(loader) for loader in loaders]
@@ -292,8 +310,9 @@ def _consume(loader, count: int) -> list[tuple[int, torch.Tensor, torch.Tensor, 
 @pytest.mark.parametrize("stop", [1, 3, 4, 5])  # 4 batches per epoch: 4 = end of epoch 0
 def test_restored_loader_continues_with_the_same_batches(tmp_path, stop):
     make_shards(tmp_path, 8)
-    params = parse_params({"loader": {"crop": CROP, "batch_size": 2, "num_threads": 1,
-                                      "backend": "dali"}})
+    params = parse_params(
+        {"loader": {"crop": CROP, "batch_size": 2, "num_threads": 1, "backend": "dali"}}
+    )
     total = 10
     reference = _consume(build_train_loader(tmp_path, params, seed=4), total)
     first = build_train_loader(tmp_path, params, seed=4)
@@ -326,8 +345,9 @@ def test_torch_and_dali_batches_agree_in_kind(tmp_path):
     make_shards(tmp_path, 8)
     out = {}
     for backend in ("dali", "torch"):
-        params = parse_params({"loader": {"crop": CROP, "batch_size": 4, "num_threads": 1,
-                                          "backend": backend}})
+        params = parse_params(
+            {"loader": {"crop": CROP, "batch_size": 4, "num_threads": 1, "backend": backend}}
+        )
         loader = build_train_loader(tmp_path, params, seed=1)
         if backend == "torch":
             loader.num_workers = 0

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.condition import DEFAULT_SCALE
 from pipeline.config import ShardParams, parse_params
+from pipeline.data.batch import Batch, LoaderError, TrainLoader, read_shard_set
 from pipeline.data.extract import encode_png
-from pipeline.data.loader import (
-    Batch,
-    LoaderError,
-    TrainLoader,
-    build_train_loader,
-    read_shard_set,
-)
+from pipeline.data.loader import build_train_loader
 from pipeline.data.shards import write_shards
 from pipeline.data.torch_loader import (
     TorchTrainLoader,
@@ -28,7 +25,6 @@ from pipeline.data.torch_loader import (
     read_index,
     read_sample_table,
 )
-from pipeline.condition import DEFAULT_SCALE
 from pipeline.degradation import degrade, sample_levels
 
 SIZE, CROP = 24, 16
@@ -44,14 +40,16 @@ def image(i: int) -> np.ndarray:
 def make_shards(directory: Path, n: int, per_shard: int = 3) -> dict[str, np.ndarray]:
     images = {f"img{i:02d}-y0-x0": image(i) for i in range(n)}
     samples = [{"key": k, "png": encode_png(v, 1)} for k, v in images.items()]
-    write_shards(samples, lambda s: s["png"], directory, ShardParams(max_count=per_shard),
-                 crop_size=SIZE)
+    write_shards(
+        samples, lambda s: s["png"], directory, ShardParams(max_count=per_shard), crop_size=SIZE
+    )
     return images
 
 
 def params(**loader):
-    return parse_params({"loader": {"crop": CROP, "batch_size": 2, "num_threads": 1,
-                                    "backend": "torch", **loader}})
+    return parse_params(
+        {"loader": {"crop": CROP, "batch_size": 2, "num_threads": 1, "backend": "torch", **loader}}
+    )
 
 
 def loader_for(directory, *, workers=0, **kwargs) -> TorchTrainLoader:
@@ -89,8 +87,12 @@ def test_batch_is_exactly_the_reference_pipeline(shards):
     ids = epoch_order(len(table), 9, 1)[4:6].tolist()
     gen = batch_generator(9, 0, 1, 2)
     files: dict[int, int] = {}
-    clean = torch.stack([random_patch(decode_rgb(table.read(i, files)), CROP, gen)
-                         for i in ids]).float() / 255
+    clean = (
+        torch.stack(
+            [random_patch(decode_rgb(table.read(i, files)), CROP, gen) for i in ids]
+        ).float()
+        / 255
+    )
     blur, noise = sample_levels(2, gen, params().degradation)
     degraded = degrade(clean, blur, noise, generator=gen)
     assert torch.equal(got.clean, clean)
@@ -127,7 +129,7 @@ def test_results_do_not_depend_on_worker_count(shards):
 
 def test_epochs_are_reshuffled_and_cover_the_set(shards):
     loader = loader_for(shards)
-    orders = [sum(loader.epoch_keys(e), []) for e in range(3)]
+    orders = [list(chain.from_iterable(loader.epoch_keys(e))) for e in range(3)]
     assert all(sorted(o) == sorted(f"img{i:02d}-y0-x0" for i in range(8)) for o in orders)
     assert len({tuple(o) for o in orders}) == 3
 
@@ -138,8 +140,8 @@ def test_ranks_are_disjoint_and_equal_length(tmp_path, n, world):
     loaders = [loader_for(tmp_path, rank=r, world_size=world, seed=1) for r in range(world)]
     assert len({len(loader) for loader in loaders}) == 1
     for epoch in range(2):
-        keys = [sum(loader.epoch_keys(epoch), []) for loader in loaders]
-        flat = sum(keys, [])
+        keys = [list(chain.from_iterable(loader.epoch_keys(epoch))) for loader in loaders]
+        flat = list(chain.from_iterable(keys))
         assert len(flat) == len(set(flat)) == world * len(loaders[0]) * 2
         if n % (2 * world) == 0:
             assert sorted(flat) == sorted(f"img{i:02d}-y0-x0" for i in range(n))
@@ -202,8 +204,9 @@ def test_index_offsets_point_at_the_pngs(shards):
     files: dict[int, int] = {}
     images = {f"img{i:02d}-y0-x0": image(i) for i in range(8)}
     for i, key in enumerate(table.keys):
-        assert np.array_equal(decode_rgb(table.read(i, files)).permute(1, 2, 0).numpy(),
-                              images[key])
+        assert np.array_equal(
+            decode_rgb(table.read(i, files)).permute(1, 2, 0).numpy(), images[key]
+        )
 
 
 def test_stopping_after_the_last_batch_does_not_yield_an_empty_epoch(shards):

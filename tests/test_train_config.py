@@ -11,6 +11,7 @@ import yaml
 
 from pipeline.config import ConfigError, parse_params
 from pipeline.pretrained import PretrainedWeightsMissing
+from pipeline.train.testing import SyntheticData, TestHooks
 from pipeline.train.trainer import available_cpus, check_stage, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +112,10 @@ def test_imagenet_mode_refuses_to_start_without_vgg19(tmp_path, monkeypatch):
     with pytest.raises(PretrainedWeightsMissing) as err:
         # offline: the download fails and no file is in the cache
         run_stage(
-            params, "cugan", out_dir=tmp_path / "out", synthetic={"num_samples": 16, "seed": 0}
+            params,
+            "cugan",
+            out_dir=tmp_path / "out",
+            test_hooks=TestHooks(synthetic=SyntheticData(num_samples=16, seed=0)),
         )
     text = str(err.value)
     assert "vgg19-dcbb9e9d.pth" in text and str(tmp_path / "weights") in text and "\n" not in text
@@ -185,12 +189,16 @@ def test_dvc_stage_declares_its_code_and_params(stage):
 
 
 def test_a_failed_run_is_reported_in_one_line():
-    from pipeline.train.loop import InjectedFault
-    from pipeline.train.trainer import _first_line
+    from pipeline.train.testing import InjectedFault
+    from pipeline.train.trainer import failure_line
 
     err = RuntimeError(
         "Training failed.\nTraceback (most recent call last):\n  File x\nValueError: boom\n"
     )
-    assert _first_line(err) == "ValueError: boom"
+    assert failure_line(err) == "ValueError: boom"
     err.worker_failures = {1: InjectedFault("at iteration 5\nmore"), 0: ValueError("bad")}
-    assert _first_line(err) == "rank 0: ValueError: bad"
+    assert failure_line(err) == "rank 0: ValueError: bad"
+    err.worker_failures = {0: InjectedFault("at iteration 5\n  more"), 1: ValueError("bad")}
+    assert failure_line(err) == "rank 0: InjectedFault: at iteration 5"
+    err.worker_failures = {0: ValueError()}
+    assert failure_line(err) == "rank 0: ValueError"

@@ -12,14 +12,18 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.config import parse_params
-from pipeline.train.loop import LocalSession, run_worker
+from pipeline.tracking import TrackingTarget
+from pipeline.train.loop import run_worker
+from pipeline.train.session import LocalSession
 from pipeline.train.state import load_train_state
+from pipeline.train.testing import FaultPlan, SyntheticData, TestHooks
 from pipeline.train.trainer import run_stage
+from pipeline.train.worker_config import WorkerConfig
 
 pytestmark = pytest.mark.slow
 
 ITERATIONS = 8
-SYNTHETIC = {"num_samples": 24, "seed": 0}
+SYNTHETIC = SyntheticData(num_samples=24, seed=0)
 
 
 def _params(tmp_path, *, tracking: bool = False):
@@ -54,7 +58,9 @@ def _params(tmp_path, *, tracking: bool = False):
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
-    result = run_stage(_params(tmp), "cunet", out_dir=tmp / "out", synthetic=SYNTHETIC)
+    result = run_stage(
+        _params(tmp), "cunet", out_dir=tmp / "out", test_hooks=TestHooks(synthetic=SYNTHETIC)
+    )
     return result
 
 
@@ -66,17 +72,11 @@ def test_two_workers_match_one_process_on_the_global_batch(uninterrupted, tmp_pa
 
     # ... and equal, to float tolerance, to one process stepping on the whole global batch
     params = _params(tmp_path)
-    config = {
-        "params": params.model_dump(mode="json"),
-        "stage": "cunet",
-        "data": {"kind": "synthetic", **SYNTHETIC},
-        "evalsets_dir": None,
-        "init_dir": None,
-        "tracking": {"mode": "off"},
-        "threads": 1,
-    }
+    config = WorkerConfig(
+        params=params, stage="cunet", tracking=TrackingTarget(mode="off"), threads=1
+    )
     single = LocalSession(tmp_path / "single")
-    run_worker(config, single)
+    run_worker(config, single, TestHooks(synthetic=SYNTHETIC))
     ddp = load_train_state(uninterrupted.model_dir)
     one = load_train_state(single.latest())
     assert ddp.iteration == one.iteration == ITERATIONS
@@ -99,8 +99,7 @@ def test_worker_failure_resumes_from_the_checkpoint(uninterrupted, tmp_path):
         params,
         "cunet",
         out_dir=tmp_path / "out",
-        synthetic=SYNTHETIC,
-        fault={"iteration": 5, "marker": str(marker)},
+        test_hooks=TestHooks(synthetic=SYNTHETIC, fault=FaultPlan(iteration=5, marker=marker)),
     )
     assert marker.exists()  # the failure did happen
     assert result.metrics["iteration"] == ITERATIONS

@@ -9,8 +9,15 @@ import torch
 
 from pipeline.checkpoint import load_generator
 from pipeline.config import parse_params
-from pipeline.train.loop import LocalSession, run_worker
+from pipeline.tracking import TrackingTarget
+from pipeline.train.loop import run_worker
+from pipeline.train.session import LocalSession
 from pipeline.train.state import TrainStateError, load_train_state, tree_from_json, tree_to_json
+from pipeline.train.testing import SyntheticData, TestHooks
+from pipeline.train.worker_config import WorkerConfig
+
+#: The tests' data: 12 pre-made samples through the test seam, no shards.
+HOOKS = TestHooks(synthetic=SyntheticData(num_samples=12, seed=0))
 
 
 def test_tree_round_trip_keeps_int_keys_tuples_and_dtypes():
@@ -34,7 +41,7 @@ def test_tree_round_trip_keeps_int_keys_tuples_and_dtypes():
         tree_to_json({"x": object()}, "p", {})
 
 
-def _config(tmp_path, stage="cunet", iterations=6, fault=None):
+def _config(tmp_path, stage="cunet", iterations=6, fixed_degradation=None):
     params = parse_params(
         {
             "base": {"pretrained": "random"},
@@ -45,6 +52,7 @@ def _config(tmp_path, stage="cunet", iterations=6, fault=None):
                 "checkpoint_every": 3,
                 "log_every": 3,
                 "schedule": {"milestones": [2], "every": None},
+                "fixed_degradation": fixed_degradation,
             },
             "train_cugan": {
                 "generator": "tiny",
@@ -56,27 +64,25 @@ def _config(tmp_path, stage="cunet", iterations=6, fault=None):
             },
         }
     )
-    return {
-        "params": params.model_dump(mode="json"),
-        "stage": stage,
-        "data": {"kind": "synthetic", "num_samples": 12, "seed": 0},
-        "evalsets_dir": None,
-        "init_dir": None,
-        "tracking": {"mode": "local", "fallback_dir": str(tmp_path / "fb")},
-        "threads": 1,
-        "fault": fault,
-    }
+    return WorkerConfig(
+        params=params,
+        stage=stage,
+        tracking=TrackingTarget(mode="local", fallback_dir=str(tmp_path / "fb")),
+        threads=1,
+    )
 
 
 @pytest.mark.parametrize("stage", ["cunet", "cugan"])
 def test_resume_in_process_equals_uninterrupted(tmp_path, stage):
     straight = LocalSession(tmp_path / "straight")
-    run_worker(_config(tmp_path, stage), straight)
+    run_worker(_config(tmp_path, stage), straight, HOOKS)
 
     cut = LocalSession(tmp_path / "cut")
-    run_worker(_config(tmp_path, stage, iterations=3), cut)  # stops at the checkpoint of it 3
+    run_worker(
+        _config(tmp_path, stage, iterations=3), cut, HOOKS
+    )  # stops at the checkpoint of it 3
     resumed = LocalSession(tmp_path / "cut", resume=True)
-    run_worker(_config(tmp_path, stage), resumed)
+    run_worker(_config(tmp_path, stage), resumed, HOOKS)
 
     a, b = load_train_state(straight.latest()), load_train_state(resumed.latest())
     assert a.iteration == b.iteration == 6
@@ -92,7 +98,8 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, stage):
 
 def test_checkpoint_directory_is_self_describing(tmp_path):
     session = LocalSession(tmp_path / "run")
-    run_worker(_config(tmp_path, iterations=3), session)
+    config = _config(tmp_path, iterations=3)
+    run_worker(config, session, HOOKS)
     ckpt = session.latest()
     assert sorted(p.name for p in ckpt.iterdir()) == [
         "generator.json",
@@ -103,6 +110,9 @@ def test_checkpoint_directory_is_self_describing(tmp_path):
     state = load_train_state(ckpt)
     assert state.iteration == 3 and state.stage == "cunet" and state.world_size == 1
     assert state.document["config"]["params"]["train_cunet"]["generator"] == "tiny"
+    # the checkpoint records the typed worker config, which reads back as the same object
+    assert WorkerConfig.from_dict(state.document["config"]) == config
+    assert "test_hooks" not in state.document["config"]  # the test seam stays out of it
     assert state.loaders[0]["backend"] == "tensors"
     # the LR schedule: milestone 2 -> iterations 3.. at half rate
     assert state.optimizers["g"]["param_groups"][0]["lr"] == pytest.approx(2.5e-4)
@@ -146,29 +156,28 @@ def test_optimizer_state_lands_on_the_gpu_after_resume(tmp_path):
     assert moments and all(m.device.type == "cuda" for m in moments)
     # and the whole loop resumes on the GPU
     session = LocalSession(tmp_path / "run", device=device)
-    run_worker(_config(tmp_path, iterations=3), session)
+    run_worker(_config(tmp_path, iterations=3), session, HOOKS)
     resumed = LocalSession(tmp_path / "run", device=device, resume=True)
-    assert run_worker(_config(tmp_path), resumed)["iteration"] == 6
+    assert run_worker(_config(tmp_path), resumed, HOOKS)["iteration"] == 6
 
 
 def test_fixed_degradation_baseline_trains_on_one_setting(tmp_path):
     """The Unet/UGAN baselines: the same loop, every batch re-degraded at one (r, sigma)."""
-    from pipeline.data.loader import Batch
+    from pipeline.data.batch import Batch
     from pipeline.degradation import degrade
-    from pipeline.train.loop import _FixedDegradation
+    from pipeline.train.setup import FixedDegradation
     from pipeline.train.tensors import synthetic_samples
 
     params = parse_params({"train_cunet": {"fixed_degradation": [2, 30]}})
-    fixed = _FixedDegradation((2.0, 30.0), params, seed=5, device=torch.device("cpu"))
+    fixed = FixedDegradation((2.0, 30.0), params, seed=5, device=torch.device("cpu"))
     degraded, clean, z = synthetic_samples(3, 32, seed=1)
     out = fixed(Batch(degraded, clean, z))
     expected = degrade(clean, [2.0] * 3, [30.0] * 3, generator=torch.Generator().manual_seed(5))
     assert torch.equal(out.degraded, expected) and torch.equal(out.clean, clean)
     assert torch.equal(out.z, torch.tensor([[0.5, 0.6]]).expand(3, 2))
 
-    config = _config(tmp_path, iterations=3)
-    config["params"]["train_cunet"]["fixed_degradation"] = [2, 30]
+    config = _config(tmp_path, iterations=3, fixed_degradation=[2, 30])
     session = LocalSession(tmp_path / "run")
-    assert run_worker(config, session)["iteration"] == 3
+    assert run_worker(config, session, HOOKS)["iteration"] == 3
     # its generator state is part of the checkpoint, so a resumed baseline draws the same noise
     assert "fixed_degradation" in load_train_state(session.latest()).rng[0]

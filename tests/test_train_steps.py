@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models.registry import build_discriminator, build_generator
-from pipeline.data.loader import Batch
+from pipeline.data.batch import Batch
 from pipeline.train.losses import GANLoss, PerceptualLoss
 from pipeline.train.steps import Nets, Optimizers, gan_step, mse_step
 from pipeline.train.tensors import synthetic_samples

@@ -11,7 +11,10 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import TrackingParams, parse_params
-from pipeline.train.loop import LocalSession, run_worker
+from pipeline.train.loop import run_worker
+from pipeline.train.session import LocalSession
+from pipeline.train.testing import SyntheticData, TestHooks
+from pipeline.train.worker_config import WorkerConfig
 from pipeline.tracking import (
     RunLog,
     TrackingTarget,
@@ -104,18 +107,16 @@ def test_training_does_not_die_when_the_server_is_gone(dead_server, tmp_path):
             },
         }
     )
-    config = {
-        "params": params.model_dump(mode="json"),
-        "stage": "cunet",
-        "data": {"kind": "synthetic", "num_samples": 4, "seed": 0},
-        "evalsets_dir": None,
-        "init_dir": None,
-        "threads": 1,
-        "tracking": TrackingTarget(
+    config = WorkerConfig(
+        params=params,
+        stage="cunet",
+        threads=1,
+        tracking=TrackingTarget(
             mode="mlflow", uri=dead_server, run_id="0123", fallback_dir=str(tmp_path / "fb")
-        ).to_dict(),
-    }
-    metrics = run_worker(config, LocalSession(tmp_path / "run"))
+        ),
+    )
+    hooks = TestHooks(synthetic=SyntheticData(num_samples=4, seed=0))
+    metrics = run_worker(config, LocalSession(tmp_path / "run"), hooks)
     assert metrics["iteration"] == 4
     rows = [
         row

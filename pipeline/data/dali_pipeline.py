@@ -47,8 +47,9 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from pipeline.condition import ConditionScale
 from pipeline.config import Params
-from pipeline.data.loader import (
+from pipeline.data.batch import (
     Batch,
     LoaderError,
     ShardSet,
@@ -58,8 +59,8 @@ from pipeline.data.loader import (
 )
 
 __all__ = [
-    "OUTPUTS",
     "DEBUG_OUTPUTS",
+    "OUTPUTS",
     "DaliTrainLoader",
     "build_train_pipeline",
     "degrade_nodes",
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")  # the default target device (a torch.device is immutable)
 
 OUTPUTS = ("degraded", "clean", "z")
 # Extra outputs of build_train_pipeline(debug=True), for tests and inspection: the levels and
@@ -138,8 +141,13 @@ def _random_patch(image: Any, crop: int) -> dict[str, Any]:
     transpose = fn.random.coin_flip(dtype=types.BOOL)
     if transpose:  # a DALI conditional: split per sample, merged back afterwards
         patch = fn.transpose(patch, perm=[1, 0, 2], output_layout="HWC")
-    return {"patch": patch, "top_left": top_left, "hflip": hflip, "vflip": vflip,
-            "transpose": transpose}
+    return {
+        "patch": patch,
+        "top_left": top_left,
+        "hflip": hflip,
+        "vflip": vflip,
+        "transpose": transpose,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,8 +155,23 @@ def _random_patch(image: Any, crop: int) -> dict[str, Any]:
 
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
-def _train_graph(*, tars, indices, crop, blur_values, noise_values, blur_max, noise_max,
-                 kernel_size, shard_id, num_shards, reader_seed, shuffle_buffer, on_gpu, debug):
+def _train_graph(
+    *,
+    tars,
+    indices,
+    crop,
+    blur_values,
+    noise_values,
+    blur_max,
+    noise_max,
+    kernel_size,
+    shard_id,
+    num_shards,
+    reader_seed,
+    shuffle_buffer,
+    on_gpu,
+    debug,
+):
     encoded = fn.readers.webdataset(
         paths=[str(p) for p in tars],
         index_paths=[str(p) for p in indices],
@@ -172,8 +195,15 @@ def _train_graph(*, tars, indices, crop, blur_values, noise_values, blur_max, no
     outputs = [_chw(nodes["degraded"]), _chw(clean), z.gpu() if on_gpu else z]
     if debug:
         info = fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)
-        outputs += [blur, noise, drawn["top_left"], drawn["hflip"], drawn["vflip"],
-                    drawn["transpose"], info]
+        outputs += [
+            blur,
+            noise,
+            drawn["top_left"],
+            drawn["hflip"],
+            drawn["vflip"],
+            drawn["transpose"],
+            info,
+        ]
     return tuple(outputs)
 
 
@@ -247,21 +277,27 @@ def run_degradation(
     """
     n = len(images)
     if not n or len(blur) != n or len(noise) != n:
-        raise ValueError(f"need one blur and one noise level per image ({n}, {len(blur)}, "
-                         f"{len(noise)})")
+        raise ValueError(
+            f"need one blur and one noise level per image ({n}, {len(blur)}, {len(noise)})"
+        )
     batch = [np.ascontiguousarray(im, dtype=np.uint8) for im in images]
     levels_b = [np.float32(v) for v in blur]
     levels_n = [np.float32(v) for v in noise]
     pipe = Pipeline(batch_size=n, num_threads=1, device_id=device_id, seed=seed)
     with pipe:
-        image = fn.external_source(source=[batch], cycle=False, layout="HWC",
-                                   device="gpu" if device_id is not None else "cpu")
+        image = fn.external_source(
+            source=[batch],
+            cycle=False,
+            layout="HWC",
+            device="gpu" if device_id is not None else "cpu",
+        )
         b = fn.external_source(source=[levels_b], cycle=False)
         s = fn.external_source(source=[levels_n], cycle=False)
         clean = fn.cast(image, dtype=types.FLOAT) / 255.0
         nodes = degrade_nodes(clean, b, s, kernel_size=kernel_size)
-        pipe.set_outputs(_chw(clean), _chw(nodes["blurred"]), _chw(nodes["noisy"]),
-                         _chw(nodes["degraded"]), b, s)
+        pipe.set_outputs(
+            _chw(clean), _chw(nodes["blurred"]), _chw(nodes["noisy"]), _chw(nodes["degraded"]), b, s
+        )
     pipe.build()
     outs = pipe.run()
     names = ("clean", "blurred", "noisy", "degraded", "blur", "noise")
@@ -293,7 +329,7 @@ def _pipeline_device_id(mode: str, device: torch.device) -> int | None:
 
 
 class DaliTrainLoader:
-    """:class:`~pipeline.data.loader.TrainLoader` over :func:`build_train_pipeline`.
+    """:class:`~pipeline.data.batch.TrainLoader` over :func:`build_train_pipeline`.
 
     The pipeline is built lazily on first iteration so that ``load_state_dict`` can hand it a
     DALI checkpoint. The epoch ends with ``LastBatchPolicy.DROP`` (all ranks yield
@@ -311,35 +347,57 @@ class DaliTrainLoader:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = _CPU,
         debug: bool = False,
     ) -> None:
         cfg, deg = params.loader, params.degradation
+        # z is computed in the graph (step 7) from the one scale of pipeline.condition
+        scale = ConditionScale.from_params(deg)
         self.batch_size = cfg.batch_size
         self.device = device
         self._device_id = _pipeline_device_id(cfg.device, device)
         self._debug = debug
         # A DALI checkpoint fits only the graph that wrote it: a CPU one cannot seed GPU ops.
-        self._identity = {"rank": rank, "world_size": world_size, "seed": seed,
-                          "num_samples": shards.num_samples, "batch_size": cfg.batch_size,
-                          "pipeline": "cpu" if self._device_id is None else "gpu"}
+        self._identity = {
+            "rank": rank,
+            "world_size": world_size,
+            "seed": seed,
+            "num_samples": shards.num_samples,
+            "batch_size": cfg.batch_size,
+            "pipeline": "cpu" if self._device_id is None else "gpu",
+        }
         self._len = batches_per_epoch(shards.num_samples, world_size, cfg.batch_size)
-        self._pipeline_args = dict(
-            tars=shards.tars, indices=shards.indices, batch_size=cfg.batch_size, crop=cfg.crop,
-            blur_values=level_grid(deg.blur_max, deg.blur_step),
-            noise_values=level_grid(deg.noise_max, deg.noise_step),
-            blur_max=deg.blur_max, noise_max=deg.noise_max, kernel_size=deg.kernel_size,
-            shard_id=rank, num_shards=world_size, seed=rank_seed(seed, rank),
-            shuffle_buffer=cfg.shuffle_buffer, num_threads=cfg.num_threads,
-            prefetch=cfg.prefetch, device_id=self._device_id, debug=debug,
-        )
+        self._pipeline_args = {
+            "tars": shards.tars,
+            "indices": shards.indices,
+            "batch_size": cfg.batch_size,
+            "crop": cfg.crop,
+            "blur_values": level_grid(deg.blur_max, deg.blur_step),
+            "noise_values": level_grid(deg.noise_max, deg.noise_step),
+            "blur_max": scale.blur_max,
+            "noise_max": scale.noise_max,
+            "kernel_size": deg.kernel_size,
+            "shard_id": rank,
+            "num_shards": world_size,
+            "seed": rank_seed(seed, rank),
+            "shuffle_buffer": cfg.shuffle_buffer,
+            "num_threads": cfg.num_threads,
+            "prefetch": cfg.prefetch,
+            "device_id": self._device_id,
+            "debug": debug,
+        }
         self._epoch = 0
         self._batch = 0
         self._checkpoint: bytes | None = None
         self._iterator: DALIGenericIterator | None = None
-        log.info("DALI loader on %s: rank %d/%d, %d batches of %d per epoch",
-                 "CPU" if self._device_id is None else f"GPU {self._device_id}",
-                 rank, world_size, self._len, self.batch_size)
+        log.info(
+            "DALI loader on %s: rank %d/%d, %d batches of %d per epoch",
+            "CPU" if self._device_id is None else f"GPU {self._device_id}",
+            rank,
+            world_size,
+            self._len,
+            self.batch_size,
+        )
 
     @property
     def epoch(self) -> int:
@@ -357,7 +415,10 @@ class DaliTrainLoader:
             pipe = build_train_pipeline(**self._pipeline_args, checkpoint=self._checkpoint)
             names = list(OUTPUTS) + (list(DEBUG_OUTPUTS) if self._debug else [])
             self._iterator = DALIGenericIterator(
-                pipe, names, reader_name="reader", last_batch_policy=LastBatchPolicy.DROP,
+                pipe,
+                names,
+                reader_name="reader",
+                last_batch_policy=LastBatchPolicy.DROP,
                 auto_reset=True,
             )
         return self._iterator
@@ -386,8 +447,12 @@ class DaliTrainLoader:
         else:
             checkpoint = self._checkpoint
         encoded = base64.b64encode(checkpoint).decode("ascii") if checkpoint else None
-        return {"backend": self.backend, **position(self._epoch, self._batch, self._len),
-                **self._identity, "dali_checkpoint": encoded}
+        return {
+            "backend": self.backend,
+            **position(self._epoch, self._batch, self._len),
+            **self._identity,
+            "dali_checkpoint": encoded,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self._iterator is not None:

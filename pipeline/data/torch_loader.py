@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.condition import ConditionScale
 from pipeline.config import DegradationParams, Params
-from pipeline.data.loader import (
+from pipeline.data.batch import (
     Batch,
     LoaderError,
     ShardSet,
@@ -39,7 +40,6 @@ from pipeline.data.loader import (
     position,
     shard_range,
 )
-from pipeline.condition import ConditionScale
 from pipeline.degradation import degrade, sample_levels
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")  # the default target device (a torch.device is immutable)
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,7 @@ def random_patch(image: torch.Tensor, crop: int, gen: torch.Generator) -> torch.
     top = int(torch.randint(h - crop + 1, (1,), generator=gen))
     left = int(torch.randint(w - crop + 1, (1,), generator=gen))
     hflip, vflip, transpose = (bool(v) for v in torch.randint(2, (3,), generator=gen))
-    patch = image[:, top:top + crop, left:left + crop]
+    patch = image[:, top : top + crop, left : left + crop]
     if hflip:
         patch = patch.flip(-1)
     if vflip:
@@ -185,8 +187,17 @@ def random_patch(image: torch.Tensor, crop: int, gen: torch.Generator) -> torch.
 class _EpochBatches(Dataset):
     """Map-style dataset over ``(epoch, batch)`` keys: one item is one whole ``Batch`` on CPU."""
 
-    def __init__(self, table: SampleTable, *, rank: int, world_size: int, seed: int,
-                 batch_size: int, crop: int, degradation: DegradationParams) -> None:
+    def __init__(
+        self,
+        table: SampleTable,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        batch_size: int,
+        crop: int,
+        degradation: DegradationParams,
+    ) -> None:
         self.table = table
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.crop, self.degradation = batch_size, crop, degradation
@@ -198,8 +209,8 @@ class _EpochBatches(Dataset):
         """Global sample indices of one batch of this rank."""
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.table), self.seed, epoch))
-        mine = self._order[1][self.begin:self.end]
-        return mine[batch * self.batch_size:(batch + 1) * self.batch_size].tolist()
+        mine = self._order[1][self.begin : self.end]
+        return mine[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
 
     def __len__(self) -> int:  # not used by the sampler-driven DataLoader, but required
         return batches_per_epoch(len(self.table), self.world_size, self.batch_size)
@@ -207,8 +218,10 @@ class _EpochBatches(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         epoch, batch = key
         gen = batch_generator(self.seed, self.rank, epoch, batch)
-        patches = [random_patch(decode_rgb(self.table.read(i, self._files)), self.crop, gen)
-                   for i in self.sample_ids(epoch, batch)]
+        patches = [
+            random_patch(decode_rgb(self.table.read(i, self._files)), self.crop, gen)
+            for i in self.sample_ids(epoch, batch)
+        ]
         clean = torch.stack(patches).to(torch.float32) / 255.0
         deg = self.degradation
         blur, noise = sample_levels(len(patches), gen, deg)
@@ -227,7 +240,7 @@ class _EpochBatches(Dataset):
 
 
 class TorchTrainLoader:
-    """:class:`~pipeline.data.loader.TrainLoader` in plain PyTorch (see the module docstring).
+    """:class:`~pipeline.data.batch.TrainLoader` in plain PyTorch (see the module docstring).
 
     ``num_workers`` overrides ``params.loader.num_threads`` (0 loads in this process).
     """
@@ -242,20 +255,30 @@ class TorchTrainLoader:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = _CPU,
         num_workers: int | None = None,
     ) -> None:
         cfg = params.loader
         self.batch_size = cfg.batch_size
         self.device = device
         self.dataset = _EpochBatches(
-            read_sample_table(shards), rank=rank, world_size=world_size, seed=seed,
-            batch_size=cfg.batch_size, crop=cfg.crop, degradation=params.degradation,
+            read_sample_table(shards),
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            batch_size=cfg.batch_size,
+            crop=cfg.crop,
+            degradation=params.degradation,
         )
         self.num_workers = cfg.num_threads if num_workers is None else num_workers
         self.prefetch = cfg.prefetch
-        self._identity = {"rank": rank, "world_size": world_size, "seed": seed,
-                          "num_samples": len(self.dataset.table), "batch_size": cfg.batch_size}
+        self._identity = {
+            "rank": rank,
+            "world_size": world_size,
+            "seed": seed,
+            "num_samples": len(self.dataset.table),
+            "batch_size": cfg.batch_size,
+        }
         self._len = batches_per_epoch(len(self.dataset.table), world_size, cfg.batch_size)
         self._epoch = 0
         self._batch = 0
@@ -269,8 +292,10 @@ class TorchTrainLoader:
 
     def epoch_keys(self, epoch: int) -> list[list[str]]:
         """The sample keys of every batch this rank yields in ``epoch`` (for checks)."""
-        return [[self.dataset.table.keys[i] for i in self.dataset.sample_ids(epoch, b)]
-                for b in range(self._len)]
+        return [
+            [self.dataset.table.keys[i] for i in self.dataset.sample_ids(epoch, b)]
+            for b in range(self._len)
+        ]
 
     def __iter__(self) -> Iterator[Batch]:
         if self._batch >= self._len:  # stopped right after an epoch's last batch
@@ -278,7 +303,10 @@ class TorchTrainLoader:
         keys = [(self._epoch, b) for b in range(self._batch, self._len)]
         workers = self.num_workers
         loader = DataLoader(
-            self.dataset, batch_size=None, sampler=keys, num_workers=workers,
+            self.dataset,
+            batch_size=None,
+            sampler=keys,
+            num_workers=workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.prefetch if workers else None,
         )
@@ -288,8 +316,11 @@ class TorchTrainLoader:
         self._epoch, self._batch = self._epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, **position(self._epoch, self._batch, self._len),
-                **self._identity}
+        return {
+            "backend": self.backend,
+            **position(self._epoch, self._batch, self._len),
+            **self._identity,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         exact = check_compatible(state, self._identity, self.backend)

@@ -1,33 +1,42 @@
-"""The per-worker training loop: ``train_loop_per_worker(config)``, run by Ray's TorchTrainer.
+"""The per-worker training loop: ``train_loop_per_worker``, run by Ray's TorchTrainer.
 
 One function serves every stage (CUnet, CUGAN, the baselines, the ablations): the stage's
 params section decides the generator, the losses and the schedule. It runs on each Ray worker
-(one process per GPU, or per CPU slot); :func:`run_worker` is the same loop behind a small
-:class:`Session` interface, so it also runs in-process (tests, benchmarks) without Ray.
+(one process per GPU, or per CPU slot); :func:`run_worker` is the same loop behind a
+:class:`~pipeline.train.session.Session`, so it also runs in-process (tests, benchmarks)
+without Ray. The modules below it, in the order a worker uses them:
+
+* :mod:`~pipeline.train.worker_config` -- the typed, versioned :class:`WorkerConfig` (what the
+  driver tells every worker; what each checkpoint records);
+* :mod:`~pipeline.train.session` -- Ray or in-process: rank, device, DDP wrap, report, resume;
+* :mod:`~pipeline.train.setup` -- networks, weights, optimisers, loader, fixed degradation;
+* :mod:`~pipeline.train.testing` -- the test seam (:class:`TestHooks`: fault injection,
+  synthetic data), consulted only when a caller passes one.
+
+Wire format to the Ray workers (:func:`loop_config`): ``{"worker_config":
+WorkerConfig.to_dict(), "test_hooks": TestHooks | None}``; the worker rebuilds the typed
+config with :meth:`WorkerConfig.from_dict` (why a dict and not the object: see
+:mod:`pipeline.train.worker_config`). Nothing after :func:`train_loop_per_worker` sees a dict.
 
 Distributed data parallel: G and D are wrapped by ``ray.train.torch.prepare_model`` (DDP, gloo
 on CPU and NCCL on GPU, chosen by the trainer), never by the model code. Each rank reads its
-own part of the shards (``build_train_loader(rank=..., world_size=...)``) with the per-worker
-batch ``loader.batch_size / world_size``: ``loader.batch_size`` is the GLOBAL batch, the same
-whatever the number of workers (the trainer refuses a count that does not divide it). DDP
-averages gradients over ranks, so a step equals one step on the global batch.
+own part of the shards with the per-worker batch ``loader.batch_size / world_size``:
+``loader.batch_size`` is the GLOBAL batch, the same whatever the number of workers (the trainer
+refuses a count that does not divide it). DDP averages gradients over ranks, so a step equals
+one step on the global batch.
 
 Checkpoints every ``checkpoint_every`` iterations and at the end: every rank calls
 ``ray.train.report`` (it is a barrier); rank 0 alone writes the directory
 (:mod:`pipeline.train.state`), after gathering the other ranks' RNG states and loader
-positions. On (re)start the loop loads ``ray.train.get_checkpoint()`` when there is one, so
+positions. On (re)start the worker loads the session's checkpoint when there is one, so
 ``FailureConfig(max_failures)`` resumes at the checkpointed iteration with the same weights,
-optimiser moments (moved onto this worker's device), learning rate (a function of the
-iteration), RNG states and loader positions.
+optimiser moments, learning rate (a function of the iteration), RNG states and loader
+positions.
 
 Logging (rank 0): every iteration's losses are recorded, averaged over ranks and sent to
-MLflow in batches every ``log_every`` iterations, with the learning rates and samples/s, plus a
-progress line (iteration, losses, samples/s, ETA). Validation PSNR and the modulation grid
-are logged at their intervals.
-
-Fault injection (chaos tests only; never set by params.yaml): ``config["fault"] =
-{"iteration": k, "marker": path}`` raises :class:`InjectedFault` at iteration ``k`` on rank 0
-unless ``path`` exists, creating it first, so the failure happens exactly once.
+MLflow in batches every ``log_every`` iterations, with the learning rates and samples/s (the
+:class:`_Meter`), plus a progress line (iteration, losses, samples/s, ETA). Validation PSNR and
+the modulation grid are logged at their intervals.
 """
 
 from __future__ import annotations
@@ -38,174 +47,62 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from models.registry import build_discriminator, build_generator
-from pipeline.config import Params, TrainStageParams, parse_params
-from pipeline.data.loader import Batch, TrainLoader, build_train_loader
 from pipeline.condition import ConditionScale
-from pipeline.degradation import degrade
-from pipeline.train.losses import GANLoss, PerceptualLoss
+from pipeline.data.batch import Batch, TrainLoader
+from pipeline.tracking import RunLog
 from pipeline.train.schedules import lr_at
-from pipeline.train.state import (
-    TrainState,
-    capture_rng,
-    load_train_state,
-    restore_rng,
-    save_train_state,
-)
-from pipeline.train.steps import Nets, Optimizers, gan_step, mse_step, unwrap
-from pipeline.train.tensors import TensorLoader, synthetic_samples
-from pipeline.tracking import RunLog, TrackingTarget
+from pipeline.train.session import RaySession, Session
+from pipeline.train.setup import FixedDegradation, TrainLoopError, WorkerSetup, set_up_worker
+from pipeline.train.state import capture_rng, save_train_state
+from pipeline.train.steps import gan_step, mse_step, unwrap
+from pipeline.train.testing import TestHooks
+from pipeline.train.validation import load_validation_set, modulation_grid_image, validate
+from pipeline.train.worker_config import WorkerConfig
 
-__all__ = [
-    "InjectedFault",
-    "LocalSession",
-    "RaySession",
-    "Session",
-    "TrainLoopError",
-    "run_worker",
-    "stage_params",
-    "train_loop_per_worker",
-]
+__all__ = ["loop_config", "run_worker", "train_loop_per_worker"]
 
 log = logging.getLogger(__name__)
 
 
-class TrainLoopError(RuntimeError):
-    """The loop cannot run as configured (one-line message)."""
-
-
-class InjectedFault(RuntimeError):
-    """The failure asked for by ``config["fault"]`` (chaos tests)."""
-
-
-def stage_params(params: Params, stage: str) -> TrainStageParams:
-    """The ``train_<stage>`` section (e.g. ``cunet`` -> ``params.train_cunet``)."""
-    section = getattr(params, f"train_{stage}", None)
-    if not isinstance(section, TrainStageParams):
-        raise TrainLoopError(
-            f"unknown training stage {stage!r} (no train_{stage} section in params)"
-        )
-    return section
-
-
 # ---------------------------------------------------------------------------------------------
-# sessions: what the loop needs from its runner
+# entry points
 
 
-class Session(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def prepare(self, module: nn.Module) -> nn.Module: ...
-
-    def restored(self) -> contextlib.AbstractContextManager[Path | None]: ...
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None: ...
-
-    def all_gather(self, obj: Any) -> list[Any]: ...
-
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor: ...
+def loop_config(config: WorkerConfig, hooks: TestHooks | None = None) -> dict[str, Any]:
+    """Ray's ``train_loop_config`` for :func:`train_loop_per_worker` (module docstring)."""
+    return {"worker_config": config.to_dict(), "test_hooks": hooks}
 
 
-class RaySession:
-    """The session inside a Ray Train worker."""
-
-    def __init__(self) -> None:
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank = ctx.get_world_rank()
-        self.world_size = ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-    def prepare(self, module: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(module, move_to_device=self.device)
-
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[Path | None]:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        with checkpoint.as_directory() as path:
-            yield Path(path)
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
-        if self.world_size == 1:
-            return tensor
-        tensor = tensor.clone()
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        return tensor / self.world_size
+def train_loop_per_worker(loop_config: Mapping[str, Any]) -> None:
+    """Ray Train entry point (module level, so Ray imports it by name on every worker)."""
+    _setup_worker_logging()
+    config = WorkerConfig.from_dict(loop_config["worker_config"])
+    hooks = loop_config.get("test_hooks")
+    if hooks is not None and not isinstance(hooks, TestHooks):
+        raise TrainLoopError(f"test_hooks must be a TestHooks, not {type(hooks).__name__}")
+    run_worker(config, RaySession(), hooks)
 
 
-class LocalSession:
-    """One process, no Ray: checkpoints go to ``root/<name>/``; ``reports`` keeps the metrics.
+def run_worker(
+    config: WorkerConfig, session: Session, hooks: TestHooks | None = None
+) -> dict[str, Any]:
+    """Train one stage on this worker; returns the metrics of its last checkpoint.
 
-    With ``resume=True`` the newest checkpoint under ``root`` is loaded, as Ray would.
+    ``hooks`` is the test seam (:mod:`pipeline.train.testing`); production passes None.
     """
-
-    def __init__(
-        self, root: str | Path, *, device: str | torch.device = "cpu", resume: bool = False
-    ) -> None:
-        self.rank, self.world_size = 0, 1
-        self.device = torch.device(device)
-        self.root = Path(root)
-        self.resume = resume
-        self.reports: list[tuple[dict[str, Any], Path | None]] = []
-
-    def prepare(self, module: nn.Module) -> nn.Module:
-        return module.to(self.device)
-
-    def latest(self) -> Path | None:
-        found = sorted(self.root.glob("checkpoint_*")) if self.root.is_dir() else []
-        return found[-1] if found else None
-
-    @contextlib.contextmanager
-    def restored(self) -> Iterator[Path | None]:
-        yield self.latest() if self.resume else None
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str) -> None:
-        kept = None
-        if checkpoint_dir is not None:
-            import shutil
-
-            kept = self.root / name
-            if kept.exists():
-                shutil.rmtree(kept)
-            shutil.copytree(checkpoint_dir, kept)
-        self.reports.append((dict(metrics), kept))
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        return [obj]
-
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
-        return tensor
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    setup = set_up_worker(config, session, hooks)
+    try:
+        return _Run(config, session, setup, hooks).train()
+    finally:
+        setup.loader.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,10 +123,6 @@ def _setup_worker_logging() -> None:
         root.propagate = False
 
 
-def _seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def _endless(loader: TrainLoader) -> Iterator[Batch]:
     """Epoch after epoch; each ``iter(loader)`` continues from the loader's position.
 
@@ -244,57 +137,6 @@ def _endless(loader: TrainLoader) -> Iterator[Batch]:
             yield batch
         if empty_passes >= 2:
             raise TrainLoopError("the training loader yielded no batch in a whole epoch")
-
-
-def _build_loader(
-    config: dict[str, Any],
-    params: Params,
-    rank: int,
-    world: int,
-    per_worker: int,
-    device: torch.device,
-) -> TrainLoader:
-    data = config["data"]
-    if data["kind"] == "synthetic":
-        tensors = synthetic_samples(
-            int(data["num_samples"]), params.loader.crop, seed=int(data["seed"])
-        )
-        return TensorLoader(
-            *tensors, batch_size=per_worker, rank=rank, world_size=world, device=device
-        )
-    if data["kind"] != "shards":
-        raise TrainLoopError(f"unknown data kind {data['kind']!r}")
-    local = params.model_copy(
-        update={"loader": params.loader.model_copy(update={"batch_size": per_worker})}
-    )
-    return build_train_loader(
-        data["shards_dir"], local, rank=rank, world_size=world, seed=params.base.seed, device=device
-    )
-
-
-class _FixedDegradation:
-    """Re-degrades each clean batch at one ``(r, sigma)`` (Unet/UGAN baselines), with its own
-    generator (saved with the RNG states)."""
-
-    def __init__(
-        self, levels: tuple[float, float], params: Params, seed: int, device: torch.device
-    ) -> None:
-        self.levels = levels
-        self.kernel_size = params.degradation.kernel_size
-        scale = ConditionScale.from_params(params.degradation)
-        self.z = scale.to_z(levels[0], levels[1]).to(device)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def __call__(self, batch: Batch) -> Batch:
-        n = batch.clean.shape[0]
-        degraded = degrade(
-            batch.clean,
-            [self.levels[0]] * n,
-            [self.levels[1]] * n,
-            generator=self.generator,
-            kernel_size=self.kernel_size,
-        )
-        return Batch(degraded.to(batch.clean.dtype), batch.clean, self.z.expand(n, -1))
 
 
 def _param_checksums(*modules: nn.Module | None) -> list[float]:
@@ -354,166 +196,7 @@ class _Meter:
 
 
 # ---------------------------------------------------------------------------------------------
-# setting up a worker
-
-
-def _build_networks(
-    params: Params, stage: TrainStageParams
-) -> tuple[nn.Module, nn.Module | None, PerceptualLoss | None]:
-    """G, D (GAN stages) and the perceptual loss, initialised identically on every rank."""
-    seed = params.base.seed
-    g = build_generator(stage.generator, generator=_seeded(seed))
-    if stage.loss != "gan":
-        return g, None, None
-    d = build_discriminator(stage.discriminator, generator=_seeded(seed + 1))
-    perceptual = None
-    if stage.weights.perceptual > 0:
-        perceptual = PerceptualLoss(
-            stage.perceptual_layer,
-            pretrained=params.base.pretrained,
-            weights_dir=params.base.weights_dir,
-            seed=seed + 2,
-        )
-    return g, d, perceptual
-
-
-def _load_weights(
-    g: nn.Module,
-    d: nn.Module | None,
-    state: TrainState | None,
-    init_dir: str | None,
-    stage_name: str,
-) -> int:
-    """Weights from the checkpoint being resumed, else G from ``init_dir``; the start iteration."""
-    if state is not None:
-        if state.stage != stage_name:
-            raise TrainLoopError(f"checkpoint is of stage {state.stage!r}, not {stage_name!r}")
-        g.load_state_dict(state.generator)
-        if d is not None:
-            if state.discriminator is None:
-                raise TrainLoopError("checkpoint has no discriminator for a GAN stage")
-            d.load_state_dict(state.discriminator)
-        return state.iteration
-    if init_dir:
-        from pipeline.checkpoint import load_generator
-
-        init, _ = load_generator(init_dir)
-        if init.config != g.config:
-            raise TrainLoopError(
-                f"{init_dir}: generator config {init.config} differs from "
-                f"train_{stage_name}'s ({g.config})"
-            )
-        g.load_state_dict(init.state_dict())
-    return 0
-
-
-def _build_optimizers(
-    stage: TrainStageParams, g: nn.Module, d: nn.Module | None, state: TrainState | None
-) -> Optimizers:
-    """Adam for G (+ D); build after the modules are on their device, then load the saved
-    state: ``load_state_dict`` casts the moments to each parameter's device and dtype."""
-
-    def adam(module: nn.Module, p: Any) -> torch.optim.Adam:
-        return torch.optim.Adam(
-            module.parameters(), lr=p.lr, betas=p.betas, weight_decay=p.weight_decay
-        )
-
-    opts = Optimizers(
-        g=adam(g, stage.optimizer_g), d=adam(d, stage.optimizer_d) if d is not None else None
-    )
-    if state is not None:
-        opts.g.load_state_dict(state.optimizers["g"])
-        if opts.d is not None:
-            opts.d.load_state_dict(state.optimizers["d"])
-    return opts
-
-
-# ---------------------------------------------------------------------------------------------
 # the loop
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (module level, so Ray imports it by name on every worker)."""
-    _setup_worker_logging()
-    run_worker(config, RaySession())
-
-
-def run_worker(config: dict[str, Any], session: Session) -> dict[str, Any]:
-    """Train one stage on this worker; returns the metrics of its last checkpoint.
-
-    ``config`` keys: ``params`` (params.yaml as a dict), ``stage`` (``cunet``, ``cugan``...),
-    ``data`` (``{"kind": "shards", "shards_dir": ...}`` or ``{"kind": "synthetic",
-    "num_samples": n, "seed": s}``), ``evalsets_dir`` (or None: no validation), ``init_dir`` (a
-    generator checkpoint to start G from, or None), ``tracking`` (a TrackingTarget dict),
-    ``threads`` (torch intra-op threads), ``fault`` (optional, module docstring).
-    """
-    params = parse_params(config["params"], source="worker config")
-    stage_name = config["stage"]
-    stage = stage_params(params, stage_name)
-    rank, world, device = session.rank, session.world_size, session.device
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
-    if params.loader.batch_size % world:
-        raise TrainLoopError(
-            f"loader.batch_size {params.loader.batch_size} is not divisible by {world} workers"
-        )
-
-    g, d, perceptual = _build_networks(params, stage)
-    with session.restored() as ckpt_dir:
-        state = load_train_state(ckpt_dir) if ckpt_dir is not None else None
-    start = _load_weights(g, d, state, config.get("init_dir"), stage_name)
-    if rank == 0 and state is not None:
-        log.info("train_%s: resuming from the checkpoint at iteration %d", stage_name, start)
-    elif rank == 0 and config.get("init_dir"):
-        log.info("train_%s: G starts from %s", stage_name, config["init_dir"])
-    for module in (g, d, perceptual):
-        if module is not None:
-            module.to(device)
-    opts = _build_optimizers(stage, g, d, state)
-    nets = Nets(
-        g=session.prepare(g),
-        d=session.prepare(d) if d is not None else None,
-        perceptual=perceptual,
-        gan_loss=GANLoss(stage.gan_type) if d is not None else None,
-    )
-
-    loader = _build_loader(config, params, rank, world, params.loader.batch_size // world, device)
-    fixed = None
-    if stage.fixed_degradation is not None:
-        fixed = _FixedDegradation(
-            tuple(stage.fixed_degradation), params, params.base.seed * 1000 + rank, device
-        )
-    if state is not None:
-        if state.world_size == world and state.loaders[rank] is not None:
-            loader.load_state_dict(state.loaders[rank])
-            restore_rng(state.rng[rank], device)
-            if fixed is not None and "fixed_degradation" in state.rng[rank]:
-                fixed.generator.set_state(state.rng[rank]["fixed_degradation"])
-        elif rank == 0:
-            log.warning(
-                "train_%s: checkpoint was written by %d workers, this run has %d: loaders "
-                "and RNGs restart from their seeds",
-                stage_name,
-                state.world_size,
-                world,
-            )
-
-    run = _Run(
-        config=config,
-        params=params,
-        stage=stage,
-        stage_name=stage_name,
-        session=session,
-        nets=nets,
-        opts=opts,
-        loader=loader,
-        fixed=fixed,
-        start=start,
-    )
-    try:
-        return run.train()
-    finally:
-        loader.close()
 
 
 class _Run:
@@ -521,38 +204,33 @@ class _Run:
 
     def __init__(
         self,
-        *,
-        config: dict[str, Any],
-        params: Params,
-        stage: TrainStageParams,
-        stage_name: str,
+        config: WorkerConfig,
         session: Session,
-        nets: Nets,
-        opts: Optimizers,
-        loader: TrainLoader,
-        fixed: _FixedDegradation | None,
-        start: int,
+        setup: WorkerSetup,
+        hooks: TestHooks | None,
     ) -> None:
-        self.config, self.params, self.stage, self.session = config, params, stage, session
-        self.stage_name, self.tag = stage_name, f"train_{stage_name}"
-        self.nets, self.opts, self.loader, self.fixed, self.start = nets, opts, loader, fixed, start
-        self.total = stage.iterations
+        self.config, self.session = config, session
+        self.params, self.stage = config.params, config.stage_section
+        self.stage_name, self.tag = config.stage, config.tag
+        self.nets, self.opts, self.loader = setup.nets, setup.opts, setup.loader
+        self.fixed: FixedDegradation | None = setup.fixed
+        self.start = setup.start
+        self.fault = hooks.fault if hooks is not None else None
+        self.total = self.stage.iterations
         self.rank0 = session.rank == 0
         self.device = session.device
-        self.meter = _Meter(params.loader.batch_size)
+        self.meter = _Meter(self.params.loader.batch_size)
         self.pending: list[tuple[int, dict[str, Tensor], dict[str, float]]] = []
         self.last_losses: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
         self.last_metrics: dict[str, Any] = {}
-        self.tracker = RunLog(TrackingTarget.from_dict(config["tracking"])) if self.rank0 else None
+        self.tracker = RunLog(config.tracking) if self.rank0 else None
         self.vset = None
-        if self.rank0 and config.get("evalsets_dir"):
-            from pipeline.train.validation import load_validation_set
-
+        if self.rank0 and config.evalsets_dir is not None:
             self.vset = load_validation_set(
-                config["evalsets_dir"], params, stage, unwrap(nets.g).size_multiple
+                config.evalsets_dir, self.params, self.stage, unwrap(self.nets.g).size_multiple
             )
-            self.tracker.log_metrics([(start, self.vset.input_psnr)])
+            self.tracker.log_metrics([(self.start, self.vset.input_psnr)])
 
     def due(self, every: int, it: int) -> bool:
         return it == self.total or (every > 0 and it % every == 0)
@@ -579,7 +257,8 @@ class _Run:
                 )
         batches = _endless(self.loader)
         for it in range(self.start + 1, self.total + 1):
-            self._maybe_fail(it)
+            if self.fault is not None:
+                self.fault.maybe_fail(it, self.session.rank)
             self._step(it, next(batches))
             if self.due(stage.log_every, it) or self.due(stage.checkpoint_every, it):
                 self._flush(it)
@@ -590,18 +269,6 @@ class _Run:
             if self.due(stage.checkpoint_every, it):
                 self._checkpoint(it)
         return self.last_metrics
-
-    def _maybe_fail(self, it: int) -> None:
-        fault = self.config.get("fault") or {}
-        if (
-            fault
-            and it == int(fault["iteration"])
-            and self.session.rank == int(fault.get("rank", 0))
-        ):
-            marker = Path(fault["marker"])
-            if not marker.exists():
-                marker.write_text(f"fault injected at iteration {it}\n")
-                raise InjectedFault(f"injected failure at iteration {it} (marker {marker})")
 
     def _step(self, it: int, batch: Batch) -> None:
         stage, opts = self.stage, self.opts
@@ -662,8 +329,6 @@ class _Run:
         )
 
     def _validate(self, it: int) -> None:
-        from pipeline.train.validation import validate
-
         with self.meter.paused():
             self.last_val = validate(unwrap(self.nets.g), self.vset, self.params, self.device)
             self.tracker.log_metrics([(it, self.last_val)])
@@ -677,8 +342,6 @@ class _Run:
         )
 
     def _grid(self, it: int) -> None:
-        from pipeline.train.validation import modulation_grid_image
-
         with self.meter.paused():
             grid = modulation_grid_image(
                 unwrap(self.nets.g), self.vset, self.stage, self.params, self.device
@@ -729,7 +392,7 @@ class _Run:
                         },
                         rng=rngs,
                         loaders=loaders,
-                        config={k: v for k, v in self.config.items() if k != "fault"},
+                        config=self.config.to_dict(),
                         metadata={
                             "stage": self.stage_name,
                             "iteration": it,

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from pipeline.data.loader import Batch
+from pipeline.data.batch import Batch
 from pipeline.train.losses import GANLoss, PerceptualLoss
 
 __all__ = ["LossWeights", "Nets", "Optimizers", "gan_step", "mse_step", "unwrap"]

@@ -1,4 +1,4 @@
-"""A :class:`~pipeline.data.loader.TrainLoader` over tensors already in memory.
+"""A :class:`~pipeline.data.batch.TrainLoader` over tensors already in memory.
 
 Two uses: the compute-only ceiling in ``benchmarks/train.py`` (the same loop with no decoding or
 degradation), and tests that need batches known in advance -- e.g. that two DDP workers
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.data.loader import Batch, LoaderError
+from pipeline.data.batch import Batch, LoaderError
 
 __all__ = ["TensorLoader", "synthetic_samples"]
 

@@ -12,6 +12,11 @@ after a crash of the whole job (driver included) rebuilds the trainer with the s
 storage path, and Ray resumes from the last checkpoint; change anything and it starts fresh.
 Worker failures inside a run are recovered by ``FailureConfig(ray.max_failures)``.
 
+Each worker gets one typed :class:`~pipeline.train.worker_config.WorkerConfig` (params, stage,
+data, evalsets, starting checkpoint, tracking target, threads) and runs
+:func:`pipeline.train.loop.train_loop_per_worker`; test hooks (fault injection, synthetic data)
+travel beside it through :mod:`pipeline.train.testing`, never through params or the config.
+
 Outputs in ``out_dir`` (the DVC outs of the stage):
 
 * ``model/``: the final checkpoint (:mod:`pipeline.train.state`) including ``generator.*``
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, Params, TrainStageParams
+from pipeline.errors import one_line
 from pipeline.ray_runtime import cluster_address, ensure_ray
 from pipeline.tracking import (
     TRACKING_ERRORS,
@@ -43,9 +49,18 @@ from pipeline.tracking import (
     start_stage_run,
     write_tracking_file,
 )
-from pipeline.train.loop import stage_params, train_loop_per_worker
+from pipeline.train.loop import loop_config, train_loop_per_worker
+from pipeline.train.testing import TestHooks
+from pipeline.train.worker_config import WorkerConfig, stage_params
 
-__all__ = ["StageFailed", "StageResult", "available_cpus", "check_stage", "run_stage"]
+__all__ = [
+    "StageFailed",
+    "StageResult",
+    "available_cpus",
+    "check_stage",
+    "failure_line",
+    "run_stage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +108,8 @@ def check_stage(
     line: which file, where to put it); with ``auto`` it warns loudly and carries on.
     """
     from models.registry import UnknownConfigError, discriminator_config, generator_config
-    from pipeline.train.loop import TrainLoopError
 
-    try:
-        sp = stage_params(params, stage)
-    except TrainLoopError as err:
-        raise ConfigError(str(err)) from None
+    sp = stage_params(params, stage)  # a ConfigError naming the stage when there is none
     key = f"train_{stage}"
     try:
         gcfg = generator_config(sp.generator)
@@ -164,7 +175,7 @@ def check_stage(
                 f"[0, {d.noise_max:g}]"
             )
     if shards_dir is not None:
-        from pipeline.data.loader import LoaderError, batches_per_epoch, read_shard_set
+        from pipeline.data.batch import LoaderError, batches_per_epoch, read_shard_set
         from pipeline.data.shards import ShardError
 
         try:
@@ -234,17 +245,28 @@ def _backbone_tag(params: Params, sp: TrainStageParams) -> str:
 
 
 def _digest(
-    params: Params, stage: str, shards_dir: Path | None, init_dir: Path | None, data: dict[str, Any]
+    params: Params,
+    stage: str,
+    shards_dir: Path | None,
+    init_dir: Path | None,
+    hooks: TestHooks | None,
 ) -> str:
+    """The run identity (module docstring): the params that define training, the data (the
+    shards manifest, or a test's synthetic data), the starting checkpoint and the code."""
     h = hashlib.sha256()
     defining = params.model_dump(mode="json", exclude={"ray", "tracking"})
+    identity = hooks.identity() if hooks is not None else {}
     h.update(
         json.dumps(
-            {"stage": stage, "params": defining, "data": data.get("kind")}, sort_keys=True
+            {
+                "stage": stage,
+                "params": defining,
+                "data": "synthetic" if identity.get("synthetic") else "shards",
+                **identity,
+            },
+            sort_keys=True,
         ).encode()
     )
-    if data.get("kind") == "synthetic":
-        h.update(json.dumps(data, sort_keys=True).encode())
     for path in ([shards_dir / "shards.json"] if shards_dir else []) + (
         [init_dir / "generator.json"] if init_dir else []
     ):
@@ -276,17 +298,16 @@ def _use_gpu(params: Params) -> bool:
     return bool(rp.use_gpu)
 
 
-def _first_line(err: BaseException) -> str:
-    """One line for a failed run: the first failing worker's exception when Ray gives them
+def failure_line(err: BaseException) -> str:
+    """One line for a failed Ray run: the first failing worker's exception when Ray gives them
     (``WorkerGroupError.worker_failures``), else the last line of the message (Ray lists the
-    workers' tracebacks before it)."""
+    workers' tracebacks before its summary). The text is :func:`pipeline.errors.one_line`'s."""
     failures = getattr(err, "worker_failures", None)
     if failures:
         rank, exc = min(failures.items(), key=lambda item: item[0])
-        text = str(exc).strip().splitlines()
-        return f"rank {rank}: {type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+        line = f"rank {rank}: {type(exc).__name__}"
+        return f"{line}: {one_line(exc)}" if str(exc).strip() else line
+    return one_line(err, pick="last")
 
 
 def run_stage(
@@ -297,18 +318,19 @@ def run_stage(
     shards_dir: str | os.PathLike[str] | None = None,
     evalsets_dir: str | os.PathLike[str] | None = None,
     init_dir: str | os.PathLike[str] | None = None,
-    synthetic: dict[str, int] | None = None,
-    fault: dict[str, Any] | None = None,
     run_name: str | None = None,
+    test_hooks: TestHooks | None = None,
 ) -> StageResult:
     """Train ``train_<stage>`` to completion on Ray and write the stage outputs (module docstring).
 
-    ``synthetic={"num_samples": n, "seed": s}`` trains on pre-made tensors instead of shards
-    (tests, benchmarks). ``fault`` is the loop's chaos hook (tests only).
+    ``test_hooks`` is the test seam (:mod:`pipeline.train.testing`): ``synthetic`` trains on
+    pre-made tensors instead of shards (tests, benchmarks, smoke runs), ``fault`` injects a
+    worker failure (chaos tests). Production callers pass ``shards_dir`` and no hooks.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    synthetic = test_hooks.synthetic if test_hooks is not None else None
     if (shards_dir is None) == (synthetic is None):
         raise ConfigError("give either a shards directory or synthetic data, not both or neither")
     sp = check_stage(
@@ -319,12 +341,7 @@ def run_stage(
     out.mkdir(parents=True, exist_ok=True)
     shards = Path(shards_dir).resolve() if shards_dir is not None else None
     init = Path(init_dir).resolve() if init_dir is not None else None
-    data = (
-        {"kind": "shards", "shards_dir": str(shards)}
-        if shards is not None
-        else {"kind": "synthetic", **{k: int(v) for k, v in synthetic.items()}}
-    )
-    name = run_name or f"train_{stage}-{_digest(params, stage, shards, init, data)}"
+    name = run_name or f"train_{stage}-{_digest(params, stage, shards, init, test_hooks)}"
 
     tags = {
         **git_tags(_REPO),
@@ -345,16 +362,15 @@ def run_stage(
             stage,
         )
 
-    config = {
-        "params": params.model_dump(mode="json"),
-        "stage": stage,
-        "data": data,
-        "evalsets_dir": str(Path(evalsets_dir).resolve()) if evalsets_dir is not None else None,
-        "init_dir": str(init) if init is not None else None,
-        "tracking": target.to_dict(),
-        "threads": max(1, int(params.ray.cpus_per_worker)),
-        "fault": fault,
-    }
+    config = WorkerConfig(
+        params=params,
+        stage=stage,
+        tracking=target,
+        shards_dir=shards,
+        evalsets_dir=Path(evalsets_dir).resolve() if evalsets_dir is not None else None,
+        init_dir=init,
+        threads=max(1, int(params.ray.cpus_per_worker)),
+    )
     started = ensure_ray(params.ray.address, num_cpus=params.ray.local_num_cpus or available_cpus())
     t0 = time.perf_counter()
     try:
@@ -363,7 +379,7 @@ def run_stage(
         env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=config,
+            train_loop_config=loop_config(config, test_hooks),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=rp.num_workers,
@@ -391,7 +407,7 @@ def run_stage(
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:
             runlog.finish("FAILED")
-            raise StageFailed(f"train_{stage} failed: {_first_line(err)}") from err
+            raise StageFailed(f"train_{stage} failed: {failure_line(err)}") from err
     finally:
         if started:
             import ray
@@ -449,7 +465,7 @@ def _log_model(
             log.warning(
                 "MLflow: could not log the %s model (%s); saving it locally instead",
                 stage,
-                _first_line(err),
+                failure_line(err),
             )
     path = save_restoration_model(
         Path(target.fallback_dir) / f"model_{stage}", mse_dir=mse_dir, gan_dir=gan_dir

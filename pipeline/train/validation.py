@@ -21,13 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.condition import ConditionScale, setting_key
 from pipeline.config import Params, TrainStageParams
-from pipeline.condition import ConditionScale
 from pipeline.degradation import to_tensor
 from pipeline.imageio import read_rgb8
 from pipeline.inference import restore
 from pipeline.metrics import psnr
-from pipeline.paper import setting_key
 
 __all__ = [
     "ValidationError",
