@@ -1,0 +1,201 @@
+"""``cugan restore``: one image through a trained generator (or the DNI blend of two)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+
+import torch
+
+from pipeline.cli.common import (
+    EXIT_OK,
+    add_io,
+    check_output,
+    cond_arg,
+    non_negative_int,
+    read_input,
+    tile_arg,
+)
+from pipeline.condition import DEFAULT_SCALE, ConditionScale
+from pipeline.device import resolve_device
+from pipeline.imageio import write_png
+from pipeline.inference import (
+    ModelArgumentNames,
+    load_model_for_inference,
+    receptive_field_radius,
+    restore,
+)
+
+__all__ = ["AUTO_TILE_MAX_PIXELS", "AUTO_TILE_SIZE", "MODEL_FLAGS", "add_parser", "run"]
+
+log = logging.getLogger("cugan")
+
+#: ``--tile auto`` runs images up to this many pixels in one piece (a 1920x1080 frame is 2.07 MP;
+#: the authors' model keeps ~1 GB of float32 activations per megapixel) and tiles larger ones.
+AUTO_TILE_MAX_PIXELS = 1 << 21
+AUTO_TILE_SIZE = 512
+
+#: The restore command's model flags, as the inference layer's messages name them.
+MODEL_FLAGS = ModelArgumentNames(
+    model="--model", mse_model="--mse-model", gan_model="--gan-model", alpha="--alpha"
+)
+LEVEL_FLAGS = ("--blur", "--noise")
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    # Help texts state the method's scale; the conversion uses the checkpoint's own.
+    b_max, n_max = f"{DEFAULT_SCALE.blur_max:g}", f"{DEFAULT_SCALE.noise_max:g}"
+    p = sub.add_parser(
+        "restore",
+        parents=parents,
+        help="restore an image with a trained generator",
+        description=(
+            "Restore IN (blurred and/or noisy) into OUT (PNG). The condition is the degradation "
+            "to remove: --blur R (Gaussian std in pixels) and --noise S (std on the 0..255 "
+            "scale), or the condition vector itself, --cond Z1,Z2 with entries in [0, 1]. "
+            "Levels become z with the scale the checkpoint records: at the method's scale "
+            f"{DEFAULT_SCALE.describe()}, so R in [0, {b_max}] and S in [0, {n_max}]. Give "
+            "--model, or --alpha with --mse-model and --gan-model for the MSE<->GAN blend "
+            "(alpha 1 = MSE model, 0 = GAN model)."
+        ),
+    )
+    add_io(p)
+    cond = p.add_argument_group("condition (either --blur and --noise, or --cond)")
+    cond.add_argument(
+        "--blur",
+        type=float,
+        metavar="R",
+        help=f"blur std in pixels (0..{b_max} at the method's scale)",
+    )
+    cond.add_argument(
+        "--noise",
+        type=float,
+        metavar="S",
+        help=f"noise std, 0..255 scale (0..{n_max} at the method's scale)",
+    )
+    cond.add_argument(
+        "--cond",
+        type=cond_arg,
+        metavar="Z1,Z2",
+        help="condition vector z, entries in [0, 1]",
+    )
+    model = p.add_argument_group(
+        "model (either --model, or --alpha with --mse-model and --gan-model)"
+    )
+    model.add_argument(
+        "--model",
+        metavar="PATH",
+        help="checkpoint directory or .safetensors (from training or import-official)",
+    )
+    model.add_argument(
+        "--alpha", type=float, metavar="A", help="DNI blend: (1 - A) * GAN + A * MSE, A in [0, 1]"
+    )
+    model.add_argument("--mse-model", metavar="PATH", help="MSE (CUnet) checkpoint for --alpha")
+    model.add_argument("--gan-model", metavar="PATH", help="GAN (CUGAN) checkpoint for --alpha")
+    execution = p.add_argument_group("execution")
+    execution.add_argument(
+        "--tile",
+        type=tile_arg,
+        default="auto",
+        metavar="N",
+        help=f"tile size in pixels; 0 = whole image; auto (default) = whole image up "
+        f"to {AUTO_TILE_MAX_PIXELS / 1e6:.1f} MP, else {AUTO_TILE_SIZE}",
+    )
+    execution.add_argument(
+        "--tile-overlap",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="context margin around each tile (default: the model's receptive "
+        "field, which makes tiled output equal untiled output)",
+    )
+    execution.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="auto",
+        help="where to run (default: auto = cuda when available)",
+    )
+    p.set_defaults(func=run)
+
+
+def _condition(args: argparse.Namespace) -> list[float] | tuple[float, float]:
+    """Which form of condition was given, checked as far as it can be without a model.
+
+    Returns the ``--cond`` values (checked to lie in [0, 1]), or the ``(blur, noise)`` levels,
+    which :func:`_z_for` converts with the scale of the model once it is loaded.
+    """
+    levels_given = args.blur is not None or args.noise is not None
+    if args.cond is not None and levels_given:
+        raise ValueError("give either --cond or --blur/--noise, not both")
+    if args.cond is not None:
+        values = args.cond
+        if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
+            raise ValueError(
+                f"--cond entries must lie in [0, 1] (got {','.join(f'{v:g}' for v in values)})"
+            )
+        return values
+    if args.blur is None or args.noise is None:
+        missing = (
+            "--noise" if args.blur is not None else "--blur" if args.noise is not None else None
+        )
+        if missing:
+            raise ValueError(f"{missing} is missing: give both --blur and --noise (or --cond)")
+        raise ValueError("no condition given: --blur R --noise S, or --cond Z1,Z2")
+    return args.blur, args.noise
+
+
+def _z_for(condition: list[float] | tuple[float, float], scale: ConditionScale) -> torch.Tensor:
+    """z ``[cond_dim]``: ``--cond`` as given, or the levels converted with the model's scale."""
+    if isinstance(condition, list):
+        return torch.tensor(condition, dtype=torch.float32)
+    blur, noise = scale.check_levels(*condition, names=LEVEL_FLAGS)
+    return scale.to_z(blur, noise)[0]
+
+
+def run(args: argparse.Namespace) -> int:
+    condition = _condition(args)
+    check_output(args.output)
+    device = resolve_device(args.device)
+    loaded = load_model_for_inference(
+        args.model,
+        mse_model=args.mse_model,
+        gan_model=args.gan_model,
+        alpha=args.alpha,
+        names=MODEL_FLAGS,
+    )
+    model, cfg = loaded.model, loaded.config
+    z = _z_for(condition, loaded.scale)
+    image = read_input(args).array
+    h, w = image.shape[:2]
+    if not cfg.conditional:
+        log.warning("note: the model is unconditional (a Unet baseline): the condition is ignored")
+        z_arg = None
+    elif z.numel() != cfg.cond_dim:
+        raise ValueError(f"--cond has {z.numel()} values but the model takes {cfg.cond_dim}")
+    else:
+        z_arg = z
+
+    tile = args.tile
+    if tile == "auto":
+        tile = AUTO_TILE_SIZE if h * w > AUTO_TILE_MAX_PIXELS else 0
+    overlap = args.tile_overlap if args.tile_overlap is not None else receptive_field_radius(cfg)
+    if tile:
+        log.info("tiling: %d px tiles, %d px overlap", tile, overlap)
+
+    start = time.perf_counter()
+    result = restore(model, image, z_arg, tile=tile or None, tile_overlap=overlap, device=device)
+    write_png(args.output, result)
+    z_text = ",".join(f"{v:.4g}" for v in z.tolist())
+    log.info(
+        "wrote %s (%dx%d, z=[%s], model %s, %s) in %.2f s",
+        args.output,
+        w,
+        h,
+        z_text,
+        loaded.source,
+        device,
+        time.perf_counter() - start,
+    )
+    return EXIT_OK
