@@ -11,7 +11,6 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import TrackingParams, parse_params
-from pipeline.train.loop import LocalSession, run_worker
 from pipeline.tracking import (
     RunLog,
     TrackingTarget,
@@ -21,6 +20,7 @@ from pipeline.tracking import (
     start_stage_run,
     write_tracking_file,
 )
+from pipeline.train.loop import LocalSession, run_worker
 
 
 @pytest.fixture
