@@ -192,24 +192,27 @@ def curve_csv(
 ) -> str:
     """Wide CSV for one axis: ``z, level, psnr_<model>...`` (one line per model in dvc plots).
 
-    ``level`` is z in the units of the levels (``z * blur_max`` or ``z * noise_max``); where the
-    models' scales differ, each model gets its own ``level_<model>`` column instead.
+    ``level`` is the swept z in the units of the levels, through the model's scale
+    (:meth:`ConditionScale.to_levels`); where the models' scales give different levels, each
+    model gets its own ``level_<model>`` column instead.
     """
     models = list(curves)
-
-    def level_max(m: str) -> float:
-        return scales[m].blur_max if axis == "blur" else scales[m].noise_max
-
-    maxima = {m: level_max(m) for m in models}
-    shared = len(set(maxima.values())) == 1
-    level_cols = ["level"] if shared else [f"level_{m}" for m in models]
     zs = [p.z for p in next(iter(curves.values())) if p.axis == axis]
+    levels = {m: [_level(scales[m], axis, z) for z in zs] for m in models}
+    shared = all(levels[m] == levels[models[0]] for m in models)
+    level_cols = ["level"] if shared else [f"level_{m}" for m in models]
     lines = [",".join(["z", *level_cols, *(f"psnr_{m}" for m in models)])]
     for j, z in enumerate(zs):
-        levels = [z * maxima[models[0]]] if shared else [z * maxima[m] for m in models]
+        row_levels = [levels[models[0]][j]] if shared else [levels[m][j] for m in models]
         vals = [[p for p in curves[m] if p.axis == axis][j].psnr for m in models]
-        lines.append(",".join(f"{v:.6g}" for v in (z, *levels, *vals)))
+        lines.append(",".join(f"{v:.6g}" for v in (z, *row_levels, *vals)))
     return "\n".join(lines) + "\n"
+
+
+def _level(scale: ConditionScale, axis: str, z: float) -> float:
+    """The level of one entry of z (the other entry at 0)."""
+    blur, noise = scale.to_levels([z, 0.0] if axis == "blur" else [0.0, z])
+    return float((blur if axis == "blur" else noise)[0])
 
 
 # ---------------------------------------------------------------------------------------------

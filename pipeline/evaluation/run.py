@@ -35,8 +35,8 @@ __all__ = [
     "Step",
     "StepRunner",
     "draw_figures",
+    "log_evaluation",
     "log_report_to_mlflow",
-    "log_step",
     "run_directly",
     "run_evaluation",
 ]
@@ -93,7 +93,7 @@ def draw_figures(
     return make_figures([m for m in specs if not m.is_baseline], eval_root, out_dir, params)
 
 
-def log_step(
+def log_evaluation(
     report: EvalReport, paths: Mapping[str, Path], figures: list[Path], uri: str, params: Params
 ) -> dict[str, str]:
     """The LOG step: :func:`log_report_to_mlflow` with the experiment and artifact root of
@@ -141,7 +141,7 @@ def run_evaluation(
     runs: dict[str, str] = {}
     if log_mlflow and params.tracking.enabled:
         uri = tracking_uri or resolve_tracking_uri(params.tracking)
-        runs = run_step(Step.LOG, log_step, report, paths, extra, uri, params)
+        runs = run_step(Step.LOG, log_evaluation, report, paths, extra, uri, params)
     return EvalRun(report, dict(paths), list(extra), dict(runs))
 
 

@@ -32,11 +32,11 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from pipeline.atomic import staging_dir
+from pipeline.checkpoint import JSON_NAME as GENERATOR_FILE  # marks a checkpoint directory
 from pipeline.errors import one_line
 from pipeline.tracking.store import tracking_client
 
 __all__ = [
-    "GENERATOR_FILE",
     "ModelRegistry",
     "ModelUri",
     "NotRegistered",
@@ -46,9 +46,6 @@ __all__ = [
     "parse_model_uri",
     "resolve_model_uri",
 ]
-
-#: The file that marks a generator checkpoint directory (pipeline.checkpoint).
-GENERATOR_FILE = "generator.json"
 
 
 class RegistryError(RuntimeError):
