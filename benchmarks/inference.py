@@ -241,7 +241,7 @@ def run_benchmark(
     if model_path:
         from pipeline.inference import load_model_for_inference
 
-        model = load_model_for_inference(model_path).to(dev)
+        model = load_model_for_inference(model_path).model.to(dev)
         weights, config = f"trained ({model_path})", "checkpoint"
     else:
         model = build_generator(config, generator=torch.Generator().manual_seed(seed))

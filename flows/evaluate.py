@@ -1,8 +1,9 @@
-"""Prefect flow ``cugan-evaluate``: the DVC ``evaluate`` stage's steps, one task each.
+"""Prefect flow ``cugan-evaluate``: the DVC ``evaluate`` stage, each of its steps a task.
 
-The work is :mod:`pipeline.evaluation` / :mod:`pipeline.eval_report` / :mod:`pipeline.figures`,
-exactly as the stage runs it; the flow adds retries on the I/O steps (files, MLflow), the run
-log and a Prefect table artifact with the per-setting means.
+The flow runs :func:`pipeline.evaluation.run.run_evaluation` -- the one definition of the
+evaluation's steps, which the stage runs too -- with a step runner that wraps every step in a
+Prefect task (retries on the I/O steps: files, MLflow), and a publish step that writes the
+tables into the run log and the per-setting means into a Prefect table artifact.
 
     python -m flows.evaluate --model cunet:mse:runs/train_cunet/model \\
         --model cugan:gan:runs/train_cugan/model
@@ -12,26 +13,34 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import Params, load_params
-from pipeline.eval_report import log_report_to_mlflow, report_text, write_report
-from pipeline.evaluation import (
-    DEFAULT_MODEL_SPECS,
-    EvalReport,
-    ModelSpec,
-    evaluate_models,
-    mlflow_uri,
-    parse_model_spec,
-    with_baselines,
-)
+from pipeline.evaluation.output import report_text
+from pipeline.evaluation.results import EvalReport
+from pipeline.evaluation.run import Step, run_evaluation
+from pipeline.evaluation.specs import DEFAULT_MODEL_SPECS, parse_model_spec
 
-__all__ = ["evaluate_flow"]
+__all__ = ["evaluate_flow", "run_step_as_task"]
+
+T = TypeVar("T")
+
+#: Task options per step; the rest run once (a failed score or figure is a bug, not a blip).
+TASK_OPTIONS: dict[Step, dict[str, Any]] = {
+    Step.WRITE: {"retries": 2, "retry_delay_seconds": 2},
+    Step.LOG: {"retries": 3, "retry_delay_seconds": 5},
+}
+
+
+def run_step_as_task(step: Step, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """The flow's step runner: ``fn`` as the Prefect task ``<step>`` (one task run each)."""
+    options = TASK_OPTIONS.get(step, {})
+    return task(fn, name=step.value, cache_policy=NO_CACHE, **options)(*args, **kwargs)
 
 
 @task(cache_policy=NO_CACHE)
@@ -39,63 +48,19 @@ def load_params_task(params_path: str) -> Params:
     return load_params(params_path)
 
 
-@task(cache_policy=NO_CACHE)
-def evaluate_task(specs: list[ModelSpec], eval_root: str, params: Params) -> EvalReport:
-    return evaluate_models(specs, eval_root, params, progress=False)
-
-
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def write_task(report: EvalReport, out_dir: str) -> dict[str, Path]:
-    return write_report(report, out_dir)
-
-
-@task(cache_policy=NO_CACHE)
-def figures_task(
-    specs: list[ModelSpec], eval_root: str, out_dir: str, params: Params, enabled: bool
-) -> list[Path]:
-    from pipeline.figures import make_figures, write_placeholders
-
-    if not enabled:
-        write_placeholders(out_dir)
-        return []
-    return make_figures([s for s in specs if not s.is_baseline], eval_root, out_dir, params)
-
-
-@task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=5)
-def mlflow_task(
-    report: EvalReport,
-    paths: dict[str, Path],
-    extra: list[Path],
-    tracking_uri: str | None,
-    params: Params,
-) -> dict[str, str]:
-    return log_report_to_mlflow(
-        report,
-        paths,
-        tracking_uri=tracking_uri or mlflow_uri(params),
-        extra_artifacts=extra,
-        experiment=params.evaluate.mlflow_experiment,
-        artifact_location=params.tracking.artifact_location,
-    )
-
-
-@task(cache_policy=NO_CACHE)
-def publish_task(report: EvalReport) -> None:
+def publish_to_prefect(report: EvalReport) -> None:
     """Tables into the run log, per-setting means as a Prefect table artifact."""
     logger = get_run_logger()
     logger.info("evaluation results:\n%s", report_text(report))
-    rows: list[dict[str, Any]] = []
-    for model, per_set in report.means().items():
-        for set_name, per_setting in per_set.items():
-            for setting, values in per_setting.items():
-                rows.append(
-                    {
-                        "model": model,
-                        "set": set_name,
-                        "setting": setting,
-                        **{k: round(v, 4) for k, v in values.items()},
-                    }
-                )
+    rows = [
+        {
+            "model": r.model,
+            "set": r.set,
+            "setting": r.setting,
+            **{k: round(v, 4) for k, v in r.scores.items()},
+        }
+        for r in report.means().rows()
+    ]
     rnd = (
         " (LPIPS/DISTS on RANDOM backbone weights: not meaningful)"
         if report.random_backbones
@@ -119,16 +84,19 @@ def evaluate_flow(
     """Evaluate ``models`` (``NAME:KIND:PATH``; None: the DVC stage's two, DEFAULT_MODEL_SPECS)
     and return the flat metrics (``{model}/{set}/{setting}/{metric}``)."""
     params = load_params_task(params_path)
-    specs = with_baselines([parse_model_spec(m) for m in models or DEFAULT_MODEL_SPECS], params)
-    report = evaluate_task(specs, eval_root, params)
-    paths = write_task(report, out_dir)
-    extra = figures_task(
-        specs, eval_root, out_dir, params, figures and params.evaluate.figures.enabled
+    done = run_evaluation(
+        [parse_model_spec(m) for m in models or DEFAULT_MODEL_SPECS],
+        eval_root,
+        out_dir,
+        params,
+        tracking_uri=tracking_uri,
+        figures=figures,
+        log_mlflow=log_mlflow,
+        progress=False,
+        publish=publish_to_prefect,
+        run_step=run_step_as_task,
     )
-    publish_task(report)
-    if log_mlflow and params.tracking.enabled:
-        mlflow_task(report, paths, extra, tracking_uri, params)
-    return report.flat_metrics()
+    return done.report.flat_metrics()
 
 
 def main(argv: list[str] | None = None) -> int:

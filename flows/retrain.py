@@ -28,6 +28,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import Params, PromotionRule, load_params
+from pipeline.promotion import evaluate_and_promote
+from pipeline.tracking import ModelRegistry, resolve_tracking_uri
 
 __all__ = ["deployment", "retrain_flow", "serve"]
 
@@ -70,15 +72,11 @@ def promote_task(
     workdir: str,
 ) -> dict[str, Any] | None:
     """Evaluate candidate and champion, decide, tag, move the alias (pipeline.promotion)."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.evaluation import mlflow_uri
-    from pipeline.promotion import evaluate_and_promote
-
     logger = get_run_logger()
-    client = MlflowClient(tracking_uri or mlflow_uri(params))  # the training stages' store
+    # The training stages' store, unless the flow is pointed at another one.
+    registry = ModelRegistry(tracking_uri or resolve_tracking_uri(params.tracking))
     decision = evaluate_and_promote(
-        client, rule, alias=alias, eval_root=eval_root, params=params, workdir=workdir
+        registry, rule, alias=alias, eval_root=eval_root, params=params, workdir=workdir
     )
     if decision is None:
         logger.warning("%s: no registered version yet: nothing to decide", rule.model_name)

@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import Params, load_params
+from pipeline.evaluation.output import console_text
+from pipeline.ray_runtime import cluster_address, ensure_ray
 from pipeline.sweep import (
     SweepError,
     TrialResult,
@@ -33,6 +36,15 @@ from pipeline.sweep import (
     summary_table,
     write_summary,
 )
+from pipeline.tracking import (
+    create_run,
+    end_run,
+    flatten_params,
+    git_tags,
+    log_to_run,
+    resolve_tracking_uri,
+)
+from pipeline.train.trainer import available_cpus
 
 __all__ = ["sweep_flow"]
 
@@ -45,18 +57,10 @@ def load_params_task(params_path: str) -> Params:
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def start_sweep_run_task(params: Params, tracking_uri: str, name: str) -> str:
     """The parent MLflow run of the sweep (in ``sweep.mlflow_experiment``)."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.eval_report import ensure_experiment
-    from pipeline.tracking import flatten_params, git_tags
-
     sp = params.sweep
-    client = MlflowClient(tracking_uri)
-    exp_id = ensure_experiment(
-        client, sp.mlflow_experiment, tracking_uri, params.tracking.artifact_location
-    )
-    run = client.create_run(
-        exp_id,
+    return create_run(
+        tracking_uri,
+        sp.mlflow_experiment,
         run_name=name,
         tags={
             "sweep.metric": sp.metric,
@@ -64,12 +68,9 @@ def start_sweep_run_task(params: Params, tracking_uri: str, name: str) -> str:
             "sweep.variants": ",".join(v.name for v in sp.variants),
             **git_tags(),
         },
+        params=flatten_params({"sweep": params.model_dump(mode="json")["sweep"]}),
+        artifact_location=params.tracking.artifact_location,
     )
-    from mlflow.entities import Param
-
-    flat = flatten_params({"sweep": params.model_dump(mode="json")["sweep"]})
-    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flat.items()])
-    return run.info.run_id
 
 
 @task(cache_policy=NO_CACHE)
@@ -84,11 +85,6 @@ def ray_sweep_task(
     name: str,
 ) -> list[TrialResult]:
     """Connect to (or start) Ray and run the Tune sweep."""
-    import ray
-
-    from pipeline.ray_runtime import cluster_address, ensure_ray
-    from pipeline.train.trainer import available_cpus
-
     logger = get_run_logger()
     address = cluster_address(params.sweep.ray_address or params.ray.address)
     if address and not ray.is_initialized():
@@ -120,8 +116,6 @@ def summarize_task(
     sweep_run_id: str | None,
 ) -> dict[str, Path]:
     """Ranked table (log + Prefect artifact), summary files, and the sweep run's record."""
-    from pipeline.eval_report import console_text
-
     logger = get_run_logger()
     sp = params.sweep
     title = f"Ablation sweep {name}: {sp.metric} ({sp.mode})"
@@ -136,25 +130,23 @@ def summarize_task(
         ],
     )
     if sweep_run_id is not None and tracking_uri is not None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        for r in results:
-            if r.score is not None:
-                client.log_metric(sweep_run_id, f"score/{r.variant}", r.score)
         best = rank_results(results, sp.mode)[0]
-        client.set_tag(
-            sweep_run_id, "sweep.best_variant", best.variant if best.score is not None else "none"
-        )
-        client.set_tag(
+        log_to_run(
+            tracking_uri,
             sweep_run_id,
-            "sweep.random_backbones",
-            str(any(r.metrics.get("random_backbones") for r in results)).lower(),
+            metrics={f"score/{r.variant}": r.score for r in results if r.score is not None},
+            tags={
+                "sweep.best_variant": best.variant if best.score is not None else "none",
+                "sweep.random_backbones": str(
+                    any(r.metrics.get("random_backbones") for r in results)
+                ).lower(),
+            },
+            artifacts=[(p, "summary") for p in paths.values()],
         )
-        for p in paths.values():
-            client.log_artifact(sweep_run_id, str(p), artifact_path="summary")
-        client.set_terminated(
-            sweep_run_id, "FINISHED" if any(r.score is not None for r in results) else "FAILED"
+        end_run(
+            tracking_uri,
+            sweep_run_id,
+            "FINISHED" if any(r.score is not None for r in results) else "FAILED",
         )
     return paths
 
@@ -173,12 +165,12 @@ def sweep_flow(
 
     ``synthetic_samples`` trains on generated tensors instead of ``shards_dir`` (smoke runs).
     """
-    from pipeline.evaluation import mlflow_uri
-
     params = load_params_task(params_path)
     name = name or time.strftime("sweep-%Y%m%d-%H%M%S", time.gmtime())
     out = out_dir or params.sweep.storage_path
-    uri = (tracking_uri or mlflow_uri(params)) if params.tracking.enabled else None
+    uri = (
+        (tracking_uri or resolve_tracking_uri(params.tracking)) if params.tracking.enabled else None
+    )
     sweep_run_id = start_sweep_run_task(params, uri, name) if uri else None
     synthetic = (
         {"num_samples": synthetic_samples, "seed": params.base.seed} if synthetic_samples else None

@@ -38,9 +38,6 @@ from pipeline.checkpoint import LoadedGenerator, load_checkpoint
 from pipeline.condition import ConditionScale
 from pipeline.degradation import to_tensor, to_uint8
 
-# ``resolve_device`` is pipeline.device's; importing it here also keeps ``from pipeline.inference
-# import resolve_device`` working in pipeline/evaluation.py and pipeline/figures.py until they
-# import it from pipeline.device (a compatibility name only: not in __all__).
 from pipeline.device import resolve_device
 
 __all__ = [

@@ -31,10 +31,10 @@ from pipeline.condition import setting_key
 
 __all__ = [
     "PAPER_TABLES",
-    "PaperTable",
     "TABLE1_DISTS_LIVE1",
     "TABLE1_LIVE1",
     "TABLE2_CBSD68",
+    "PaperTable",
 ]
 
 

@@ -4,7 +4,8 @@ it beats the current holder on the configured metric.
 Both versions are scored by the same evaluation (:mod:`pipeline.evaluation`) on the same data
 at decision time, so a change of the evaluation set cannot make an old score look better or
 worse than it is. The decision, both scores and the reason are written as tags on the
-candidate version (``promotion.*``) and logged, whatever the outcome.
+candidate version (``promotion.*``) and logged, whatever the outcome. Every registry call goes
+through :class:`pipeline.tracking.ModelRegistry`.
 
 The rule (:func:`decide`), for ``direction`` max (min mirrors it):
 
@@ -22,19 +23,19 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pipeline.config import Params, PromotionRule
+from pipeline.evaluation.scoring import evaluate_models
+from pipeline.evaluation.specs import ModelSpec
+from pipeline.evaluation.terms import PERCEPTUAL
+from pipeline.tracking import ModelRegistry, RegistryError
 
 __all__ = [
     "Decision",
     "PromotionError",
     "apply_decision",
-    "champion_version",
     "decide",
-    "download_version",
     "evaluate_and_promote",
-    "latest_version",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,74 +127,18 @@ def decide(
 
 
 # ---------------------------------------------------------------------------------------------
-# registry access (MLflow client)
+# the registry side (pipeline.tracking.registry)
 
 
-def latest_version(client: Any, model_name: str) -> Any | None:
-    """The newest version of a registered model (highest number), or None if it has none."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client.search_model_versions(f"name = '{model_name}'")
-    except MlflowException:
-        return None
-    return max(versions, key=lambda v: int(v.version), default=None)
-
-
-def champion_version(client: Any, model_name: str, alias: str) -> Any | None:
-    """The version holding ``alias``, or None."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
-
-
-def download_version(
-    client: Any,
-    model_name: str,
-    version: str,
-    dst: str | os.PathLike[str],
-    *,
-    prefer: str | None = None,
-) -> Path:
-    """Download a version's artifacts and return the generator checkpoint directory in them
-    (a directory holding ``generator.json``). The training stages register a pyfunc model with
-    ``artifacts/mse`` and, for CUGAN, ``artifacts/gan`` (pipeline.train.pyfunc): ``prefer``
-    picks the directory of that name when there are several."""
-    import mlflow
-
-    uri = client.get_model_version_download_uri(model_name, version)
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=client.tracking_uri
-        )
-    )
-    found = sorted(
-        {p.parent for p in local.rglob("generator.json")},
-        key=lambda p: (len(p.relative_to(local).parts), str(p)),
-    )
-    if not found:
-        raise PromotionError(f"{model_name} v{version}: no generator.json in its artifacts ({uri})")
-    preferred = [p for p in found if prefer is not None and p.name == prefer]
-    if prefer is not None and not preferred and len(found) > 1:
-        raise PromotionError(
-            f"{model_name} v{version}: {len(found)} generators in its artifacts "
-            f"and none in a directory named {prefer!r}"
-        )
-    return (preferred or found)[0]
-
-
-def apply_decision(client: Any, model_name: str, decision: Decision, alias: str) -> None:
+def apply_decision(
+    registry: ModelRegistry, model_name: str, decision: Decision, alias: str
+) -> None:
     """Tag the candidate version with the decision and move the alias if it promotes."""
     if decision.candidate_version is None:
         raise PromotionError("a decision without a candidate version cannot be applied")
-    for key, value in decision.tags().items():
-        client.set_model_version_tag(model_name, decision.candidate_version, key, value)
+    registry.set_version_tags(model_name, decision.candidate_version, decision.tags())
     if decision.promote:
-        client.set_registered_model_alias(model_name, alias, decision.candidate_version)
+        registry.set_alias(model_name, alias, decision.candidate_version)
     log.info("%s: %s", model_name, decision.summary())
 
 
@@ -202,7 +147,7 @@ def apply_decision(client: Any, model_name: str, decision: Decision, alias: str)
 
 
 def evaluate_and_promote(
-    client: Any,
+    registry: ModelRegistry,
     rule: PromotionRule,
     *,
     alias: str,
@@ -217,17 +162,24 @@ def evaluate_and_promote(
     Returns None when the model has no version yet (nothing to decide). The model kind (hence the
     metrics computed) follows the rule's metric: LPIPS/DISTS -> ``gan``, else ``mse``.
     """
-    from pipeline.evaluation import PERCEPTUAL, ModelSpec, evaluate_models
-
     name = rule.model_name
     if candidate_version is None:
-        latest = latest_version(client, name)
+        try:
+            latest = registry.latest_version(name)
+        except RegistryError:  # kept as it was: an unreadable registry reads as "no version"
+            latest = None
         if latest is None:
             log.warning("%s: no registered version: nothing to promote", name)
             return None
-        candidate_version = str(latest.version)
-    holder = champion_version(client, name, alias)
-    holder_version = str(holder.version) if holder is not None else None
+        candidate_version = latest.version
+    try:
+        holder = registry.alias_holder(name, alias)
+    except RegistryError:
+        # Kept as it was: ANY registry error on the alias reads as "no champion" (a known hole:
+        # an erroring registry then promotes without comparison). alias_holder already tells
+        # "alias does not exist" (None) from other errors (RegistryError).
+        holder = None
+    holder_version = holder.version if holder is not None else None
     metric = rule.metric.rsplit("/", 1)[-1]
     kind = "gan" if metric in PERCEPTUAL else "mse"
     versions = [candidate_version] + (
@@ -237,7 +189,7 @@ def evaluate_and_promote(
         ModelSpec(
             name=f"{name}-v{v}",
             kind=kind,  # type: ignore[arg-type]
-            path=download_version(client, name, v, Path(workdir) / f"{name}-v{v}", prefer=kind),
+            path=registry.download(name, v, Path(workdir) / f"{name}-v{v}", prefer=kind),
         )
         for v in versions
     ]
@@ -255,5 +207,5 @@ def evaluate_and_promote(
         candidate_version=candidate_version,
         champion_version=holder_version,
     )
-    apply_decision(client, name, decision, alias)
+    apply_decision(registry, name, decision, alias)
     return decision

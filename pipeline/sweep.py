@@ -8,14 +8,16 @@ with the profile and the variant's overrides applied, then:
 1. trains ``train_cunet`` with :func:`pipeline.train.trainer.run_stage` (which builds and fits
    the TorchTrainer), and for a GAN variant ``train_cugan`` from that CUnet, as ``dvc repro``
    does;
-2. evaluates the final generator with :func:`pipeline.evaluation.evaluate_models` on the
-   evaluation sets, writes the same files as the ``evaluate`` stage under the trial directory;
+2. evaluates the final generator with :func:`pipeline.evaluation.scoring.evaluate_models` on
+   the evaluation sets, writes the same files as the ``evaluate`` stage under the trial
+   directory (:func:`pipeline.evaluation.output.write_report`);
 3. reports ``score`` (the configured metric, e.g. ``holdout/all/lpips``) to Tune.
 
 MLflow: one *sweep* run; each trial is a child run of it (``mlflow.parentRunId``) holding the
 variant's flattened params and its evaluation; the training stages of a trial are children of
-the trial run (``$CUGAN_MLFLOW_PARENT_RUN_ID``, pipeline.tracking). Trials never register
-models: ablation models must not compete for the ``champion`` alias.
+the trial run (``$CUGAN_MLFLOW_PARENT_RUN_ID``, pipeline.tracking; every MLflow call goes
+through that package). Trials never register models: ablation models must not compete for the
+``champion`` alias.
 
 The variants (``sweep.variants``): ``cugan-1`` / ``cugan-2`` / ``cugan-3`` (1, 2 or 3 scales, 12
 residual blocks in total, models.registry) and ``cugan-3-no-gfm`` (the discriminator without
@@ -27,7 +29,6 @@ CUnet (identical by seed): simple and independent, at the price of one duplicate
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -36,7 +37,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.tune
+from rich.table import Table
+
+from pipeline.atomic import atomic_write_json, atomic_write_text
 from pipeline.config import ConfigError, Params, SweepVariant, parse_params
+from pipeline.errors import one_line
+from pipeline.evaluation.figures import new_figure, save_figure
+from pipeline.evaluation.output import write_report
+from pipeline.evaluation.run import log_report_to_mlflow
+from pipeline.evaluation.scoring import evaluate_models
+from pipeline.evaluation.specs import ModelSpec
+from pipeline.tracking import (
+    PARENT_ENV,
+    MissingExperiment,
+    create_run,
+    end_run,
+    flatten_params,
+    log_to_run,
+)
+from pipeline.train.testing import SyntheticData, TestHooks
+from pipeline.train.trainer import run_stage
 
 __all__ = [
     "SweepError",
@@ -126,19 +148,12 @@ def ablation_trial(config: dict[str, Any]) -> None:
     ``eval_root``, ``data`` (``{"shards_dir": ...}`` or ``{"synthetic": {...}}``),
     ``tracking_uri``, ``sweep_run_id`` (or None), ``kind`` (``mse``/``gan``), ``metric``.
     """
-    import ray.tune
-
-    from pipeline.eval_report import log_report_to_mlflow, write_report
-    from pipeline.evaluation import ModelSpec, evaluate_models
-    from pipeline.tracking import PARENT_ENV, flatten_params
-    from pipeline.train.testing import SyntheticData, TestHooks
-    from pipeline.train.trainer import run_stage
-
     params = parse_params(config["params"], source=f"trial {config['variant']}")
     variant, kind = config["variant"], config["kind"]
     trial_dir = Path(config["trial_dir"])
     trial_dir.mkdir(parents=True, exist_ok=True)
-    client, run_id = _start_trial_run(params, config)
+    uri = config.get("tracking_uri")
+    run_id = _start_trial_run(params, config)
     if run_id is not None:
         os.environ[PARENT_ENV] = run_id  # the stages' runs become children of this trial run
     status = "FAILED"
@@ -164,17 +179,16 @@ def ablation_trial(config: dict[str, Any]) -> None:
         report = evaluate_models([spec], config["eval_root"], params, progress=False)
         paths = write_report(report, trial_dir / "eval")
         if run_id is not None:
-            client.log_batch(run_id, params=_mlflow_params(flatten_params(config["params"])))
-            log_report_to_mlflow(
-                report, paths, tracking_uri=config["tracking_uri"], run_ids={variant: run_id}
-            )
+            log_to_run(uri, run_id, params=flatten_params(config["params"]))
+            log_report_to_mlflow(report, paths, tracking_uri=uri, run_ids={variant: run_id})
         score = report.score(variant, config["metric"])
         set_name, _, metric = config["metric"].split("/")
         # Tune gets the ranking metric per setting; MLflow and eval/ have everything.
+        means = report.means()
         per_setting = {
-            f"{set_name}.{st}.{metric}": v[metric]
-            for st, v in report.means()[variant][set_name].items()
-            if metric in v
+            f"{set_name}.{st}.{metric}": value
+            for st in means.settings(variant, set_name)
+            if (value := means.get(variant, set_name, st, metric)) is not None
         }
         metrics = {
             "score": score,
@@ -182,24 +196,22 @@ def ablation_trial(config: dict[str, Any]) -> None:
             "random_backbones": report.random_backbones,
             **per_setting,
         }
-        (trial_dir / "result.json").write_text(
-            json.dumps(
-                {
-                    "variant": variant,
-                    "metric": config["metric"],
-                    "score": score,
-                    "mlflow_run_id": run_id,
-                    "model_dir": str(result.model_dir),
-                    **metrics,
-                },
-                indent=2,
-            )
+        atomic_write_json(
+            trial_dir / "result.json",
+            {
+                "variant": variant,
+                "metric": config["metric"],
+                "score": score,
+                "mlflow_run_id": run_id,
+                "model_dir": str(result.model_dir),
+                **metrics,
+            },
         )
         status = "FINISHED"
         ray.tune.report(metrics)
     finally:
         if run_id is not None:
-            client.set_terminated(run_id, status)
+            end_run(uri, run_id, status)
 
 
 def _grid_trial(config: dict[str, Any]) -> None:
@@ -207,30 +219,22 @@ def _grid_trial(config: dict[str, Any]) -> None:
     ablation_trial(config["trial"])
 
 
-def _start_trial_run(params: Params, config: Mapping[str, Any]) -> tuple[Any, str | None]:
+def _start_trial_run(params: Params, config: Mapping[str, Any]) -> str | None:
     """The trial's MLflow child run under the sweep run (None: tracking off)."""
     if not params.tracking.enabled or config.get("tracking_uri") is None:
-        return None, None
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(config["tracking_uri"])
-    exp = client.get_experiment_by_name(params.tracking.experiment)
-    if exp is None:
-        raise SweepError(
-            f"MLflow experiment {params.tracking.experiment!r} does not exist "
-            "(the sweep run creates it)"
-        )
+        return None
     tags = {"sweep.variant": config["variant"], "sweep.metric": config["metric"]}
-    if config.get("sweep_run_id"):
-        tags["mlflow.parentRunId"] = config["sweep_run_id"]
-    run = client.create_run(exp.experiment_id, run_name=f"trial-{config['variant']}", tags=tags)
-    return client, run.info.run_id
-
-
-def _mlflow_params(flat: Mapping[str, str]) -> list[Any]:
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in flat.items()]
+    try:
+        return create_run(
+            config["tracking_uri"],
+            params.tracking.experiment,
+            run_name=f"trial-{config['variant']}",
+            tags=tags,
+            parent_run_id=config.get("sweep_run_id"),
+            create_experiment=False,
+        )
+    except MissingExperiment as err:
+        raise SweepError(f"{err} (the sweep run creates it)") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,9 +262,6 @@ def run_sweep(
 ) -> list[TrialResult]:
     """Run one Tune trial per variant (``sweep.max_concurrent_trials`` at a time) in the Ray
     instance this process is connected to; returns the results in variant order."""
-    import ray
-    import ray.tune
-
     sp = params.sweep
     if (shards_dir is None) == (synthetic is None):
         raise SweepError("give either a shards directory or synthetic data, not both or neither")
@@ -309,16 +310,13 @@ def run_sweep(
         trial = (result.config or {}).get("trial", {})
         variant = trial.get("variant", "?")
         if result.error is not None:
-            by_variant[variant] = TrialResult(variant, None, {}, _one_line(result.error))
+            by_variant[variant] = TrialResult(
+                variant, None, {}, one_line(result.error, pick="last")
+            )
         else:
             metrics = dict(result.metrics or {})
             by_variant[variant] = TrialResult(variant, float(metrics["score"]), metrics)
     return [by_variant.get(v.name, TrialResult(v.name, None, {}, "no result")) for v in variants]
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(err).__name__
 
 
 def rank_results(results: Sequence[TrialResult], mode: str) -> list[TrialResult]:
@@ -332,10 +330,8 @@ def rank_results(results: Sequence[TrialResult], mode: str) -> list[TrialResult]
 def write_summary(
     results: Sequence[TrialResult], params: Params, out_dir: str | os.PathLike[str], *, title: str
 ) -> dict[str, Path]:
-    """``summary.csv`` / ``summary.json`` (ranked) and ``summary.png`` (bar chart)."""
-    from pipeline.atomic import atomic_write_json, atomic_write_text
-    from pipeline.figures import pyplot, save_figure
-
+    """``summary.csv`` / ``summary.json`` (ranked) and ``summary.png`` (bar chart), each
+    written atomically."""
     sp = params.sweep
     ranked = rank_results(results, sp.mode)
     out = Path(out_dir)
@@ -373,9 +369,8 @@ def write_summary(
         paths["json"],
         {"metric": sp.metric, "mode": sp.mode, "random_backbones": random, "rows": rows},
     )
-    plt = pyplot()
     done = [r for r in ranked if r.score is not None]
-    fig, ax = plt.subplots(figsize=(6, 0.5 * max(len(done), 1) + 1.5))
+    fig, ax = new_figure(figsize=(6, 0.5 * max(len(done), 1) + 1.5))
     ax.barh([r.variant for r in done][::-1], [r.score for r in done][::-1])
     ax.set_xlabel(f"{sp.metric} ({'lower' if sp.mode == 'min' else 'higher'} is better)")
     ax.set_title(title + (" [RANDOM backbone weights]" if random else ""), fontsize=9)
@@ -383,10 +378,8 @@ def write_summary(
     return paths
 
 
-def summary_table(results: Sequence[TrialResult], params: Params, *, title: str) -> Any:
+def summary_table(results: Sequence[TrialResult], params: Params, *, title: str) -> Table:
     """A rich table of the ranked variants."""
-    from rich.table import Table
-
     sp = params.sweep
     random = any(r.metrics.get("random_backbones") for r in results)
     t = Table(title=title + (" [RANDOM backbone weights: not meaningful]" if random else ""))

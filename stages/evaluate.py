@@ -2,7 +2,9 @@
 
 Writes ``<out>/metrics.json`` and ``<out>/paper.json`` (DVC metrics), ``<out>/plots/*.csv``
 (DVC plots) and ``<out>/figures/*.png``, prints the tables and logs everything to MLflow on each
-model's training run (see :mod:`pipeline.evaluation`).
+model's training run: :func:`pipeline.evaluation.run.run_evaluation`, the same steps the Prefect
+flow ``cugan-evaluate`` runs as tasks. Each model is driven with the z scale its checkpoint
+records.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ import sys
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_params
-from pipeline.evaluation import EvalError, parse_model_spec, run_evaluation
+from pipeline.device import DeviceError
+from pipeline.errors import one_line, os_error_line
+from pipeline.evaluation.run import run_evaluation
+from pipeline.evaluation.specs import parse_model_spec
+from pipeline.evaluation.terms import EvalError
+from pipeline.imageio import ImageError
+from pipeline.tracking import TRACKING_ERRORS
 
 log = logging.getLogger("stages.evaluate")
 
@@ -33,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--tracking-uri",
         default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's)",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else tracking.uri)",
     )
     ap.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ap.add_argument("--no-figures", action="store_true", help="skip the modulation figures")
@@ -51,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             figures=not args.no_figures,
             log_mlflow=not args.no_mlflow,
         )
-    except (ConfigError, EvalError, CheckpointError) as err:
-        log.error("%s", err)
+    except (ConfigError, EvalError, CheckpointError, DeviceError, ImageError) as err:
+        log.error("%s", one_line(err))
+        return 1
+    except OSError as err:
+        log.error("%s", os_error_line(err))
+        return 1
+    except TRACKING_ERRORS as err:
+        log.error("MLflow: %s", one_line(err))
         return 1
     return 0
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import save_generator
-from pipeline.config import Params, parse_params
 from pipeline.condition import DEFAULT_SCALE, setting_key
+from pipeline.config import Params, parse_params
 from pipeline.degradation import degrade, to_tensor, to_uint8
 from pipeline.imageio import write_png
 

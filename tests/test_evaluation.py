@@ -11,22 +11,21 @@ import numpy as np
 import pytest
 
 from pipeline import paper
-from pipeline.condition import DEFAULT_SCALE
+from pipeline.condition import DEFAULT_SCALE, setting_key
 from pipeline.degradation import to_tensor
-from pipeline.eval_report import log_report_to_mlflow, render_tables, report_text, write_report
-from pipeline.evaluation import (
-    EvalError,
-    EvalReport,
-    MetricSuite,
+from pipeline.evaluation.output import render_tables, report_text, write_report
+from pipeline.evaluation.results import EvalReport, ScoreRow
+from pipeline.evaluation.run import log_report_to_mlflow, run_evaluation
+from pipeline.evaluation.scoring import evaluate_models
+from pipeline.evaluation.sets import load_eval_set
+from pipeline.evaluation.specs import (
     ModelSpec,
-    ScoreRow,
     discover_baselines,
-    evaluate_models,
-    load_eval_set,
     parse_model_spec,
     parse_setting_key,
-    setting_key,
 )
+from pipeline.evaluation.suite import MetricSuite
+from pipeline.evaluation.terms import EvalError
 from pipeline.imageio import read_rgb8
 from pipeline.inference import restore
 from pipeline.metrics import LPIPSMetric, psnr, ssim
@@ -156,7 +155,9 @@ def test_mse_metrics_equal_direct_calls(tiny_case, crop_border):
     root, model = tiny_case
     params = evalkit.tiny_params(crop_border=crop_border)
     spec = ModelSpec("cunet", "mse", root / "unused")
-    report = evaluate_models([spec], root, params, loaded={"cunet": model}, progress=False)
+    report = evaluate_models(
+        [spec], root, params, loaded={"cunet": (model, DEFAULT_SCALE)}, progress=False
+    )
     assert len(report.rows) == 2 * len(evalkit.SETTINGS)
     for row in report.rows:
         r, s = parse_setting_key(row.setting)
@@ -172,14 +173,16 @@ def test_mse_metrics_equal_direct_calls(tiny_case, crop_border):
             direct = float(fn(out, clean, crop_border=crop_border, y_channel=y)[0])
             assert row.scores[name] == pytest.approx(direct, rel=1e-12, abs=1e-12), name
     # Means: over images per setting; "all": over the settings' means.
-    means = report.means()["cunet"]["tiny"]
+    means = report.means()
     for st in report.settings:
         vals = [r.scores["psnr_rgb"] for r in report.rows if r.setting == st]
-        assert means[st]["psnr_rgb"] == pytest.approx(np.mean(vals), rel=1e-12)
-    assert means["all"]["psnr_rgb"] == pytest.approx(
-        np.mean([means[st]["psnr_rgb"] for st in report.settings]), rel=1e-12
+        assert means.get("cunet", "tiny", st, "psnr_rgb") == pytest.approx(np.mean(vals), rel=1e-12)
+    assert means.get("cunet", "tiny", "all", "psnr_rgb") == pytest.approx(
+        np.mean([means.get("cunet", "tiny", st, "psnr_rgb") for st in report.settings]), rel=1e-12
     )
-    assert report.score("cunet", "tiny/all/psnr_rgb") == means["all"]["psnr_rgb"]
+    assert report.score("cunet", "tiny/all/psnr_rgb") == means.get(
+        "cunet", "tiny", "all", "psnr_rgb"
+    )
     assert report.random_backbones is False
     assert report.info()["crop_border"] == crop_border
 
@@ -188,7 +191,9 @@ def test_gan_metrics_equal_direct_calls_and_are_labelled_random(tiny_case):
     root, model = tiny_case
     params = evalkit.tiny_params(gan_metrics=["lpips", "psnr_rgb"])
     spec = ModelSpec("cugan", "gan", root / "unused")
-    report = evaluate_models([spec], root, params, loaded={"cugan": model}, progress=False)
+    report = evaluate_models(
+        [spec], root, params, loaded={"cugan": (model, DEFAULT_SCALE)}, progress=False
+    )
     lp = LPIPSMetric(pretrained="random")
     row = report.rows[-1]
     r, s = parse_setting_key(row.setting)
@@ -252,10 +257,10 @@ def _fake_report(set_name: str = "cbsd68") -> EvalReport:
 def test_distance_signs():
     dist = _fake_report().distances()
     # PSNR: baseline - ours = 25.25 - 24.5; LPIPS: ours - baseline = 0.30 - 0.25.
-    assert dist["cunet"]["cbsd68"]["blur2_noise50"]["psnr_rgb"] == pytest.approx(0.75)
-    assert dist["cugan"]["cbsd68"]["blur0_noise30"]["lpips"] == pytest.approx(0.05)
-    assert "blur0_noise30" not in dist["cunet"]["cbsd68"]  # no Unet for that setting
-    assert set(dist) == {"cunet", "cugan"}  # baselines get no distance of their own
+    assert dist.get("cunet", "cbsd68", "blur2_noise50", "psnr_rgb") == pytest.approx(0.75)
+    assert dist.get("cugan", "cbsd68", "blur0_noise30", "lpips") == pytest.approx(0.05)
+    assert "blur0_noise30" not in dist.settings("cunet", "cbsd68")  # no Unet for that setting
+    assert set(dist.models()) == {"cunet", "cugan"}  # baselines get no distance of their own
 
 
 def test_paper_comparison_fills_only_the_papers_set():
@@ -413,13 +418,11 @@ def test_stage_end_to_end(tmp_path, monkeypatch):
 def test_run_evaluation_with_baselines_writes_distances(tmp_path):
     """A Unet baseline for one setting: the distance of CUnet is baseline - ours (PSNR) for
     that setting only, from the same per-setting means the report prints."""
-    from pipeline.evaluation import run_evaluation
-
     evalkit.make_eval_set(tmp_path / "sets")
     cunet = evalkit.save_tiny(tmp_path / "cunet", seed=1)
     evalkit.save_tiny(tmp_path / "unet" / "blur2_noise30" / "model", seed=4, damage=0.05)
     params = evalkit.tiny_params(baselines_mse=str(tmp_path / "unet"))
-    report, paths = run_evaluation(
+    done = run_evaluation(
         [ModelSpec("cunet", "mse", cunet)],
         tmp_path / "sets",
         tmp_path / "out",
@@ -427,12 +430,148 @@ def test_run_evaluation_with_baselines_writes_distances(tmp_path):
         figures=False,
         log_mlflow=False,
     )
+    report, paths = done.report, done.paths
     means = report.means()
-    assert set(means["unet-blur2_noise30"]["tiny"]) == {"blur2_noise30", "all"}  # own setting
+    assert set(means.settings("unet-blur2_noise30", "tiny")) == {"blur2_noise30", "all"}
     dist = json.loads(paths["metrics"].read_text())["distance"]["cunet"]["tiny"]
     assert set(dist) == {"blur2_noise30"}
-    base = means["unet-blur2_noise30"]["tiny"]["blur2_noise30"]["psnr_rgb"]
-    ours = means["cunet"]["tiny"]["blur2_noise30"]["psnr_rgb"]
+    base = means.get("unet-blur2_noise30", "tiny", "blur2_noise30", "psnr_rgb")
+    ours = means.get("cunet", "tiny", "blur2_noise30", "psnr_rgb")
     assert dist["blur2_noise30"]["psnr_rgb"] == pytest.approx(base - ours)
     assert (tmp_path / "out" / "figures" / "README.txt").is_file()  # DVC's declared outs exist
     assert (tmp_path / "out" / "plots" / "modulation_curve_noise.csv").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# the z scale of each model's checkpoint
+
+
+def test_each_model_is_driven_with_its_checkpoints_scale(tmp_path):
+    """A checkpoint recording another z scale is evaluated with THAT scale, whatever
+    params.degradation says; a prebuilt model carries its scale the same way."""
+    from pipeline.checkpoint import load_checkpoint, save_generator
+    from pipeline.condition import ConditionScale
+
+    evalkit.make_eval_set(tmp_path / "sets")
+    scale = ConditionScale(blur_max=8.0, noise_max=100.0)
+    model = evalkit.tiny_generator(seed=3)
+    ckpt = save_generator(tmp_path / "wide", model, metadata={"stage": "test"}, scale=scale)
+    params = evalkit.tiny_params(mse_metrics=["psnr_rgb"])
+    assert (params.degradation.blur_max, params.degradation.noise_max) == (4.0, 50.0)
+    spec = ModelSpec("wide", "mse", ckpt)
+    report = evaluate_models([spec], tmp_path / "sets", params, progress=False)
+    differs = []
+    for row in report.rows:
+        r, s = parse_setting_key(row.setting)
+        degraded = read_rgb8(tmp_path / "sets" / "tiny" / row.setting / row.image).array
+        clean = to_tensor(read_rgb8(tmp_path / "sets" / "tiny" / "gt" / row.image).array)
+        ours = float(psnr(to_tensor(restore(model, degraded, scale.to_z(r, s))), clean)[0])
+        default = float(
+            psnr(to_tensor(restore(model, degraded, DEFAULT_SCALE.to_z(r, s))), clean)[0]
+        )
+        assert row.scores["psnr_rgb"] == pytest.approx(ours, rel=1e-12, abs=1e-12)
+        differs.append(abs(ours - default) > 1e-6)
+    assert any(differs)  # the scale matters, so the test can tell the two apart
+    assert report.scales == {"wide": scale}
+    assert report.info()["models"]["wide"]["condition_scale"] == {
+        "blur_max": 8.0,
+        "noise_max": 100.0,
+    }
+    prebuilt = evaluate_models(
+        [spec], tmp_path / "sets", params, loaded={"wide": load_checkpoint(ckpt)}, progress=False
+    )
+    assert [r.scores for r in prebuilt.rows] == [r.scores for r in report.rows]
+    with pytest.raises(EvalError, match="LoadedGenerator or \\(model, ConditionScale\\)"):
+        evaluate_models([spec], tmp_path / "sets", params, loaded={"wide": model}, progress=False)
+
+
+def test_setting_outside_a_checkpoints_scale_is_one_line(tmp_path):
+    from pipeline.checkpoint import save_generator
+    from pipeline.condition import ConditionScale
+
+    evalkit.make_eval_set(tmp_path / "sets")
+    narrow = ConditionScale(blur_max=1.0, noise_max=50.0)  # the sets hold blur 2
+    ckpt = save_generator(
+        tmp_path / "narrow", evalkit.tiny_generator(seed=1), metadata={}, scale=narrow
+    )
+    with pytest.raises(EvalError, match=r"model narrow: setting blur2_noise30 lies outside") as e:
+        evaluate_models(
+            [ModelSpec("narrow", "mse", ckpt)],
+            tmp_path / "sets",
+            evalkit.tiny_params(),
+            progress=False,
+        )
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the aggregate type and the step sequence
+
+
+def test_metric_table_accessors():
+    from pipeline.evaluation.results import MetricTable
+
+    nested = {
+        "m": {
+            "s": {"blur0_noise15": {"psnr_rgb": 30.0, "ssim_rgb": 0.9}, "all": {"psnr_rgb": 30.0}}
+        }
+    }
+    table = MetricTable.from_nested(nested)
+    assert table.to_dict() == nested and table == MetricTable.from_nested(table.to_dict())
+    assert table.get("m", "s", "blur0_noise15", "ssim_rgb") == 0.9
+    assert table.get("m", "s", "blur9_noise9", "psnr_rgb") is None
+    assert table.get("other", "s", "all", "psnr_rgb") is None
+    assert (table.models(), table.sets("m"), table.settings("m", "s")) == (
+        ("m",),
+        ("s",),
+        ("blur0_noise15", "all"),
+    )
+    assert dict(table.scores("m", "s", "all")) == {"psnr_rgb": 30.0}
+    assert dict(table.scores("m", "x", "all")) == {}
+    with pytest.raises(TypeError):
+        table.scores("m", "s", "all")["psnr_rgb"] = 0.0  # read-only
+    assert [r.label for r in table.rows()] == ["m/s/blur0_noise15", "m/s/all"]
+    assert table.flat("m") == {
+        "s/blur0_noise15/psnr_rgb": 30.0,
+        "s/blur0_noise15/ssim_rgb": 0.9,
+        "s/all/psnr_rgb": 30.0,
+    }
+    assert len(list(table.cells())) == 3 and not MetricTable() and table
+
+
+def test_run_evaluation_is_one_sequence_of_steps(tmp_path):
+    """The stage and the flow run the same steps, in this order (the flow wraps each in a task)."""
+    from pipeline.evaluation.run import Step
+
+    evalkit.make_eval_set(tmp_path / "sets")
+    cunet = evalkit.save_tiny(tmp_path / "cunet", seed=1)
+    calls, published = [], []
+
+    def record(step, fn, *args, **kwargs):
+        calls.append(step)
+        return fn(*args, **kwargs)
+
+    done = run_evaluation(
+        [ModelSpec("cunet", "mse", cunet)],
+        tmp_path / "sets",
+        tmp_path / "out",
+        evalkit.tiny_params(figures={"enabled": False}),
+        tracking_uri=evalkit.sqlite_uri(tmp_path),
+        publish=published.append,
+        run_step=record,
+        progress=False,
+    )
+    assert (
+        calls
+        == list(Step)
+        == [
+            Step.PLAN,
+            Step.SCORE,
+            Step.WRITE,
+            Step.FIGURES,
+            Step.PUBLISH,
+            Step.LOG,
+        ]
+    )
+    assert published == [done.report] and set(done.mlflow_runs) == {"cunet"}
+    assert done.paths["metrics"].is_file() and done.figures == []

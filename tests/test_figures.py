@@ -11,8 +11,7 @@ import torch
 
 from pipeline.condition import DEFAULT_SCALE
 from pipeline.degradation import to_tensor
-from pipeline.evaluation import ModelSpec
-from pipeline.figures import (
+from pipeline.evaluation.figures import (
     alpha_strip,
     centre_crop,
     make_figure_input,
@@ -20,6 +19,7 @@ from pipeline.figures import (
     modulation_curve,
     modulation_grid,
 )
+from pipeline.evaluation.specs import ModelSpec
 from pipeline.inference import restore
 from pipeline.metrics import psnr
 from tests import evalkit
@@ -50,9 +50,9 @@ def test_figure_input_is_seeded(fig_input):
     assert (fig_input.blur, fig_input.noise) == (2.0, 30.0)
 
 
-def test_modulation_curve_equals_direct_psnr(fig_input, params):
+def test_modulation_curve_equals_direct_psnr(fig_input):
     model = evalkit.tiny_generator(seed=3)
-    points = modulation_curve(model, [fig_input], params, points=3)
+    points = modulation_curve(model, [fig_input], DEFAULT_SCALE, points=3)
     assert [(p.axis, p.z) for p in points] == [
         ("blur", 0.0),
         ("blur", 0.5),
@@ -71,15 +71,15 @@ def test_modulation_curve_equals_direct_psnr(fig_input, params):
     assert all(np.isfinite(p.psnr) for p in points)
 
 
-def test_modulation_curve_rejects_mixed_truths(fig_input, params):
+def test_modulation_curve_rejects_mixed_truths(fig_input):
     other = make_figure_input("b.png", fig_input.clean, 1.0, 15.0)
     with pytest.raises(ValueError, match="share the true levels"):
-        modulation_curve(evalkit.tiny_generator(seed=3), [fig_input, other], params)
+        modulation_curve(evalkit.tiny_generator(seed=3), [fig_input, other], DEFAULT_SCALE)
 
 
-def test_grid_cells_are_restorations_with_their_z(fig_input, params):
+def test_grid_cells_are_restorations_with_their_z(fig_input):
     model = evalkit.tiny_generator(seed=3)
-    grid = modulation_grid(model, fig_input, [0, 2, 4], [0, 30], params)
+    grid = modulation_grid(model, fig_input, [0, 2, 4], [0, 30], DEFAULT_SCALE)
     assert sorted(grid) == [(b, n) for b in (0.0, 2.0, 4.0) for n in (0.0, 30.0)]
     for (b, n), img in grid.items():
         np.testing.assert_array_equal(
@@ -88,9 +88,9 @@ def test_grid_cells_are_restorations_with_their_z(fig_input, params):
     assert not np.array_equal(grid[(0.0, 0.0)], grid[(4.0, 30.0)])  # z does steer the model
 
 
-def test_alpha_strip_ends_are_the_two_models(fig_input, params):
+def test_alpha_strip_ends_are_the_two_models(fig_input):
     mse, gan = evalkit.tiny_generator(seed=1), evalkit.tiny_generator(seed=2)
-    strip = alpha_strip(mse, gan, fig_input, [0.0, 0.5, 1.0], params)
+    strip = alpha_strip(mse, gan, fig_input, [0.0, 0.5, 1.0], DEFAULT_SCALE)
     z = DEFAULT_SCALE.to_z([2.0], [30.0])
     np.testing.assert_array_equal(strip[0], restore(gan, fig_input.degraded, z))
     np.testing.assert_array_equal(strip[2], restore(mse, fig_input.degraded, z))
@@ -123,3 +123,38 @@ def test_make_figures_writes_pngs_and_csvs(tmp_path, params):
         rows = list(csv.DictReader(fp))
     assert list(rows[0]) == ["z", "level", "psnr_cunet", "psnr_cugan"]
     assert [float(r["level"]) for r in rows] == pytest.approx([0.0, 25.0, 50.0])
+
+
+def test_make_figures_drives_each_model_with_its_checkpoints_scale(tmp_path, params, caplog):
+    """Figures use the z scale each checkpoint records, not params.degradation: the curve's
+    other entry sits at the true z of THAT scale, and its levels are z times its maxima; two
+    models trained with different scales get no alpha strip (their blend means nothing)."""
+    from pipeline.checkpoint import save_generator
+    from pipeline.condition import ConditionScale
+    from pipeline.imageio import read_rgb8
+
+    evalkit.make_eval_set(tmp_path / "sets")
+    wide = ConditionScale(blur_max=8.0, noise_max=100.0)
+    model = evalkit.tiny_generator(seed=1)
+    specs = [
+        ModelSpec("wide", "mse", save_generator(tmp_path / "w", model, metadata={}, scale=wide)),
+        ModelSpec("cugan", "gan", evalkit.save_tiny(tmp_path / "cugan", seed=2)),
+    ]
+    written = make_figures(specs, tmp_path / "sets", tmp_path / "out", params)
+    assert "alpha_img0.png" not in {p.name for p in written}
+    assert "different z scales" in caplog.text
+    fp = params.evaluate.figures
+    clean = centre_crop(read_rgb8(tmp_path / "sets" / "tiny" / "gt" / "img0.png").array, fp.crop)
+    fi = make_figure_input("img0.png", clean, fp.input_blur, fp.input_noise, seed=fp.seed)
+    expected = modulation_curve(model, [fi], wide, points=fp.curve_points)
+    default = modulation_curve(model, [fi], DEFAULT_SCALE, points=fp.curve_points)
+    with (tmp_path / "out" / "plots" / "modulation_curve_blur.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["z", "level_wide", "level_cugan", "psnr_wide", "psnr_cugan"]
+    assert [float(r["level_wide"]) for r in rows] == pytest.approx([0.0, 4.0, 8.0])
+    assert [float(r["level_cugan"]) for r in rows] == pytest.approx([0.0, 2.0, 4.0])
+    want = [p.psnr for p in expected if p.axis == "blur"]
+    assert [float(r["psnr_wide"]) for r in rows] == pytest.approx(want, rel=1e-5)
+    assert [p.z_noise for p in expected if p.axis == "blur"] == pytest.approx([0.3] * 3)
+    other = [p.psnr for p in default if p.axis == "blur"]
+    assert any(abs(a - b) > 1e-3 for a, b in zip(want, other, strict=True))

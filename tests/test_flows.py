@@ -77,7 +77,8 @@ def test_evaluate_flow_end_to_end(prefect_harness, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from flows.evaluate import evaluate_flow
-    from pipeline.evaluation import ModelSpec, evaluate_models
+    from pipeline.evaluation.scoring import evaluate_models
+    from pipeline.evaluation.specs import ModelSpec
 
     monkeypatch.chdir(tmp_path)
     evalkit.make_eval_set(tmp_path / "sets")
@@ -93,6 +94,25 @@ def test_evaluate_flow_end_to_end(prefect_harness, tmp_path, monkeypatch):
     )
     assert state.is_completed()
     flat = state.result()
+
+    # The flow ran the evaluation's own step sequence, one task per step.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    from pipeline.evaluation.run import Step
+
+    with get_client(sync_client=True) as prefect_client:
+        task_runs = prefect_client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            ),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        )
+    assert [t.name.rsplit("-", 1)[0] for t in task_runs] == [
+        "load_params_task",
+        *(step.value for step in Step),
+    ]
 
     # The same numbers as the library computes directly (one implementation).
     direct = evaluate_models(
@@ -150,13 +170,13 @@ def test_retrain_flow_reruns_and_promotes_only_a_better_model(
         },
     )
     client = MlflowClient(evalkit.sqlite_uri(tmp_path))
-    kwargs = dict(
-        params_path=str(params_path),
-        eval_root=str(tmp_path / "sets"),
-        tracking_uri=evalkit.sqlite_uri(tmp_path),
-        workdir=str(tmp_path / "work"),
-        repo_dir=str(tmp_path),
-    )
+    kwargs = {
+        "params_path": str(params_path),
+        "eval_root": str(tmp_path / "sets"),
+        "tracking_uri": evalkit.sqlite_uri(tmp_path),
+        "workdir": str(tmp_path / "work"),
+        "repo_dir": str(tmp_path),
+    }
 
     v1 = evalkit.register_tiny(client, tmp_path, "cunet", seed=1)
     first = retrain_flow(**kwargs)

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.config import PromotionRule
 from pipeline.promotion import Decision, decide, evaluate_and_promote
+from pipeline.tracking import ModelRegistry
 from tests import evalkit
 
 MAX = PromotionRule(model_name="cunet", metric="tiny/all/psnr_rgb", direction="max")
@@ -80,21 +81,22 @@ def registry(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     evalkit.make_eval_set(tmp_path / "sets")
-    return MlflowClient(evalkit.sqlite_uri(tmp_path))
+    uri = evalkit.sqlite_uri(tmp_path)
+    return ModelRegistry(uri), MlflowClient(uri)
 
 
 def test_promotion_refuses_worse_and_accepts_better(registry, tmp_path):
-    client = registry
+    registry, client = registry
     params = evalkit.tiny_params()
-    kwargs = dict(alias="champion", eval_root=tmp_path / "sets", params=params)
+    kwargs = {"alias": "champion", "eval_root": tmp_path / "sets", "params": params}
 
     v1 = register(client, tmp_path, "cunet", seed=1, damage=0.0)
-    d1 = evaluate_and_promote(client, MAX, workdir=tmp_path / "w1", **kwargs)
+    d1 = evaluate_and_promote(registry, MAX, workdir=tmp_path / "w1", **kwargs)
     assert d1.promote and d1.champion_score is None  # first version: no champion to beat
     assert str(client.get_model_version_by_alias("cunet", "champion").version) == v1
 
     v2 = register(client, tmp_path, "cunet", seed=2, damage=0.5)  # noisy weights: worse
-    d2 = evaluate_and_promote(client, MAX, workdir=tmp_path / "w2", **kwargs)
+    d2 = evaluate_and_promote(registry, MAX, workdir=tmp_path / "w2", **kwargs)
     assert not d2.promote
     assert d2.candidate_score < d2.champion_score
     assert (d2.candidate_version, d2.champion_version) == (v2, v1)
@@ -108,12 +110,14 @@ def test_promotion_refuses_worse_and_accepts_better(registry, tmp_path):
     assert d2.champion_score == pytest.approx(d1.candidate_score, rel=1e-12)
 
     v3 = register(client, tmp_path, "cunet", seed=1, damage=0.0)  # v1's weights: a tie
-    d3 = evaluate_and_promote(client, MAX, workdir=tmp_path / "w3", **kwargs)
+    d3 = evaluate_and_promote(registry, MAX, workdir=tmp_path / "w3", **kwargs)
     assert not d3.promote and d3.candidate_score == pytest.approx(d3.champion_score)
 
     # A better model: v1 damaged so the champion is worse, then a clean candidate.
     client.set_registered_model_alias("cunet", "champion", v2)
-    d4 = evaluate_and_promote(client, MAX, workdir=tmp_path / "w4", candidate_version=v3, **kwargs)
+    d4 = evaluate_and_promote(
+        registry, MAX, workdir=tmp_path / "w4", candidate_version=v3, **kwargs
+    )
     assert d4.promote and d4.candidate_score > d4.champion_score
     assert str(client.get_model_version_by_alias("cunet", "champion").version) == v3
     assert client.get_model_version("cunet", v3).tags["promotion.decision"] == "promoted"
@@ -121,7 +125,7 @@ def test_promotion_refuses_worse_and_accepts_better(registry, tmp_path):
 
 def test_promotion_without_versions_is_a_no_op(registry, tmp_path):
     d = evaluate_and_promote(
-        registry,
+        registry[0],
         MAX,
         alias="champion",
         eval_root=tmp_path / "sets",

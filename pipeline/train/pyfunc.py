@@ -63,10 +63,9 @@ class CuganPyfunc(mlflow.pyfunc.PythonModel):
         self._blended: tuple[float, Any] | None = None
 
     def _model(self, alpha: float) -> Any:
-        from models.dni import blend_generators
+        from models.dni import blend_generators, check_alpha
 
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1] (got {alpha})")
+        alpha = check_alpha(alpha)
         if self._gan is None:
             if alpha != 1.0:
                 raise ValueError("this model has no GAN generator: alpha must be 1 (the MSE model)")

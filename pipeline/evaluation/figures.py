@@ -12,28 +12,38 @@
   best ``z`` should sit at the true degradation; a curve that peaks elsewhere means the
   condition network has not learnt what the sliders mean.
 
-Everything is written as PNG (matplotlib, Agg backend) plus CSV for ``dvc plots``.
+Levels become z through each model's own :class:`~pipeline.condition.ConditionScale`, the one
+its checkpoint records (:func:`pipeline.evaluation.specs.load_model`), exactly as in scoring.
+Everything is written as PNG (matplotlib without pyplot; each file atomically) plus CSV for
+``dvc plots``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
-from pipeline.atomic import atomic_write_text
+from models.dni import blend_generators
+from models.generator import Generator
+from pipeline.atomic import atomic_write_bytes, atomic_write_text
+from pipeline.condition import ConditionScale, setting_key
 from pipeline.config import Params
-from pipeline.condition import setting_key
-
-if TYPE_CHECKING:
-    from models.generator import Generator
-    from pipeline.evaluation import ModelSpec
+from pipeline.degradation import degrade, to_tensor, to_uint8
+from pipeline.device import resolve_device
+from pipeline.evaluation.sets import load_eval_set
+from pipeline.evaluation.specs import ModelSpec, Prebuilt, load_model
+from pipeline.imageio import read_rgb8
+from pipeline.inference import restore
+from pipeline.metrics import psnr
 
 __all__ = [
     "CurvePoint",
@@ -41,16 +51,16 @@ __all__ = [
     "alpha_strip",
     "centre_crop",
     "curve_csv",
-    "make_figures",
     "make_figure_input",
+    "make_figures",
     "modulation_curve",
     "modulation_grid",
+    "new_figure",
     "plot_alpha_strip",
-    "pyplot",
-    "save_figure",
-    "write_placeholders",
     "plot_curves",
     "plot_grid",
+    "save_figure",
+    "write_placeholders",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,18 +95,10 @@ def make_figure_input(
     kernel_size: int = 21,
 ) -> FigureInput:
     """Degrade ``clean`` at ``(blur, noise)`` with a generator seeded from ``seed``."""
-    from pipeline.degradation import degrade, to_tensor, to_uint8
-
     gen = torch.Generator().manual_seed(seed)
     x = to_tensor(clean).to(torch.float64)
     y = degrade(x, [blur], [noise], generator=gen, kernel_size=kernel_size)
     return FigureInput(name, clean, to_uint8(y.float()), float(blur), float(noise))
-
-
-def _z(blur: float, noise: float, params: Params) -> torch.Tensor:
-    from pipeline.condition import ConditionScale
-
-    return ConditionScale.from_params(params.degradation).to_z(blur, noise)
 
 
 def modulation_grid(
@@ -104,15 +106,13 @@ def modulation_grid(
     fig_input: FigureInput,
     blurs: Sequence[float],
     noises: Sequence[float],
-    params: Params,
+    scale: ConditionScale,
     *,
     device: str | torch.device = "cpu",
 ) -> dict[tuple[float, float], np.ndarray]:
-    """``{(blur, noise): restored uint8}`` for every level pair of the grid."""
-    from pipeline.inference import restore
-
+    """``{(blur, noise): restored uint8}`` for every level pair of the grid, z = ``scale``'s."""
     return {
-        (float(b), float(n)): restore(model, fig_input.degraded, _z(b, n, params), device=device)
+        (float(b), float(n)): restore(model, fig_input.degraded, scale.to_z(b, n), device=device)
         for n in noises
         for b in blurs
     }
@@ -123,15 +123,13 @@ def alpha_strip(
     gan_model: Generator,
     fig_input: FigureInput,
     alphas: Sequence[float],
-    params: Params,
+    scale: ConditionScale,
     *,
     device: str | torch.device = "cpu",
 ) -> list[np.ndarray]:
-    """The true-``z`` restoration by the DNI blend for each alpha (0 = GAN, 1 = MSE)."""
-    from models.dni import blend_generators
-    from pipeline.inference import restore
-
-    z = _z(fig_input.blur, fig_input.noise, params)
+    """The true-``z`` restoration by the DNI blend for each alpha (0 = GAN, 1 = MSE); both
+    models share ``scale`` (a blend of models with different scales means nothing)."""
+    z = scale.to_z(fig_input.blur, fig_input.noise)
     return [
         restore(
             blend_generators(mse_model, gan_model, float(a)), fig_input.degraded, z, device=device
@@ -152,20 +150,17 @@ class CurvePoint:
 def modulation_curve(
     model: Generator,
     inputs: Sequence[FigureInput],
-    params: Params,
+    scale: ConditionScale,
     *,
     points: int = 11,
     device: str | torch.device = "cpu",
 ) -> list[CurvePoint]:
-    """PSNR against each entry of ``z`` in ``points`` steps over [0, 1], the other at truth.
+    """PSNR against each entry of ``z`` in ``points`` steps over [0, 1], the other at the true
+    z (the true levels through ``scale``).
 
     All inputs must share the true levels. The PSNR is the mean over inputs of
     :func:`pipeline.metrics.psnr` (RGB, crop 0) between the uint8 restoration and the clean image.
     """
-    from pipeline.degradation import to_tensor
-    from pipeline.inference import restore
-    from pipeline.metrics import psnr
-
     if not inputs:
         raise ValueError("modulation_curve needs at least one input")
     truth = {(i.blur, i.noise) for i in inputs}
@@ -173,7 +168,7 @@ def modulation_curve(
         raise ValueError(
             f"modulation_curve inputs must share the true levels (got {sorted(truth)})"
         )
-    zt = _z(inputs[0].blur, inputs[0].noise, params)[0].tolist()
+    zt = scale.to_z(inputs[0].blur, inputs[0].noise)[0].tolist()
     out = []
     for axis, index in (("blur", 0), ("noise", 1)):
         for value in np.linspace(0.0, 1.0, points):
@@ -192,43 +187,52 @@ def modulation_curve(
     return out
 
 
-def curve_csv(curves: dict[str, list[CurvePoint]], axis: str, params: Params) -> str:
-    """Wide CSV for one axis: ``z, level, psnr_<model>...`` (one line per model in dvc plots)."""
-    d = params.degradation
-    scale = d.blur_max if axis == "blur" else d.noise_max
+def curve_csv(
+    curves: Mapping[str, list[CurvePoint]], axis: str, scales: Mapping[str, ConditionScale]
+) -> str:
+    """Wide CSV for one axis: ``z, level, psnr_<model>...`` (one line per model in dvc plots).
+
+    ``level`` is the swept z in the units of the levels, through the model's scale
+    (:meth:`ConditionScale.to_levels`); where the models' scales give different levels, each
+    model gets its own ``level_<model>`` column instead.
+    """
     models = list(curves)
     zs = [p.z for p in next(iter(curves.values())) if p.axis == axis]
-    lines = ["z,level," + ",".join(f"psnr_{m}" for m in models)]
+    levels = {m: [_level(scales[m], axis, z) for z in zs] for m in models}
+    shared = all(levels[m] == levels[models[0]] for m in models)
+    level_cols = ["level"] if shared else [f"level_{m}" for m in models]
+    lines = [",".join(["z", *level_cols, *(f"psnr_{m}" for m in models)])]
     for j, z in enumerate(zs):
+        row_levels = [levels[models[0]][j]] if shared else [levels[m][j] for m in models]
         vals = [[p for p in curves[m] if p.axis == axis][j].psnr for m in models]
-        lines.append(f"{z:.6g},{z * scale:.6g}," + ",".join(f"{v:.6g}" for v in vals))
+        lines.append(",".join(f"{v:.6g}" for v in (z, *row_levels, *vals)))
     return "\n".join(lines) + "\n"
 
 
+def _level(scale: ConditionScale, axis: str, z: float) -> float:
+    """The level of one entry of z (the other entry at 0)."""
+    blur, noise = scale.to_levels([z, 0.0] if axis == "blur" else [0.0, z])
+    return float((blur if axis == "blur" else noise)[0])
+
+
 # ---------------------------------------------------------------------------------------------
-# drawing (matplotlib, no display)
+# drawing (matplotlib's object API: files only, no display)
 
 
-def pyplot() -> Any:
-    import matplotlib
+def new_figure(
+    nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], squeeze: bool = True
+) -> tuple[Figure, Any]:
+    """A figure and its axes, without pyplot: no global backend or figure registry is touched
+    (nothing is ever shown), and nothing needs closing. The sweep's summary chart uses it too."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Save a figure atomically (temporary sibling, then os.replace)."""
-    plt = pyplot()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    """Render a figure to PNG in memory and write it atomically (:mod:`pipeline.atomic`)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def plot_grid(
@@ -237,15 +241,13 @@ def plot_grid(
     path: Path,
     *,
     title: str,
-    blur_max: float = 4.0,
-    noise_max: float = 50.0,
+    scale: ConditionScale,
 ) -> Path:
     """Rows: noise level of z; columns: blur level of z; a left column with input and clean."""
-    plt = pyplot()
     blurs = sorted({b for b, _ in grid})
     noises = sorted({n for _, n in grid})
     rows, cols = len(noises), len(blurs) + 1
-    fig, axes = plt.subplots(
+    fig, axes = new_figure(
         max(rows, 2), cols, figsize=(2.0 * cols, 2.0 * max(rows, 2)), squeeze=False
     )
     for ax in axes.flat:
@@ -258,7 +260,8 @@ def plot_grid(
         for j, b in enumerate(blurs):
             ax = axes[i, j + 1]
             ax.imshow(grid[(b, n)])
-            ax.set_title(f"z=[{b / blur_max:.2f}, {n / noise_max:.2f}]", fontsize=8)
+            zb, zn = scale.to_z(b, n)[0].tolist()
+            ax.set_title(f"z=[{zb:.2f}, {zn:.2f}]", fontsize=8)
             if (b, n) == (fig_input.blur, fig_input.noise):
                 ax.axis("on")
                 ax.set_xticks([])
@@ -273,8 +276,7 @@ def plot_grid(
 def plot_alpha_strip(
     images: Sequence[np.ndarray], alphas: Sequence[float], path: Path, *, title: str
 ) -> Path:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, len(images), figsize=(2.0 * len(images), 2.3), squeeze=False)
+    fig, axes = new_figure(1, len(images), figsize=(2.0 * len(images), 2.3), squeeze=False)
     for ax, img, a in zip(axes[0], images, alphas, strict=True):
         ax.imshow(img)
         ax.axis("off")
@@ -285,15 +287,23 @@ def plot_alpha_strip(
 
 
 def plot_curves(
-    curves: dict[str, list[CurvePoint]], true_z: tuple[float, float], path: Path, *, title: str
+    curves: Mapping[str, list[CurvePoint]],
+    true_z: Mapping[str, tuple[float, float]],
+    path: Path,
+    *,
+    title: str,
 ) -> Path:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    """Both curves of every model; a dashed line at each distinct true z (one per scale)."""
+    fig, axes = new_figure(1, 2, figsize=(9, 3.5))
     for ax, (axis, index) in zip(axes, (("blur", 0), ("noise", 1)), strict=True):
         for model, points in curves.items():
             pts = [p for p in points if p.axis == axis]
             ax.plot([p.z for p in pts], [p.psnr for p in pts], marker="o", label=model)
-        ax.axvline(true_z[index], color="grey", linestyle="--", label="true z")
+        truths = sorted({z[index] for z in true_z.values()})
+        for value in truths:
+            ax.axvline(
+                value, color="grey", linestyle="--", label="true z" if len(truths) == 1 else None
+            )
         ax.set_xlabel(f"z_{axis} (other entry at its true value)")
         ax.set_ylabel("PSNR RGB (dB)")
         ax.legend(fontsize=8)
@@ -311,16 +321,12 @@ def make_figures(
     out_dir: str | os.PathLike[str],
     params: Params,
     *,
-    loaded: dict[str, Generator] | None = None,
+    loaded: Mapping[str, Prebuilt] | None = None,
 ) -> list[Path]:
     """Grid per model and image, one alpha strip per image (first MSE and first GAN model with
-    equal configs), and the modulation curves; PNGs under ``figures/``, curve CSVs under
-    ``plots/``. Returns the files written."""
-    from pipeline.checkpoint import load_generator
-    from pipeline.evaluation import EvalError, load_eval_set
-    from pipeline.imageio import read_rgb8
-    from pipeline.inference import resolve_device
-
+    equal configs and scales), and the modulation curves; PNGs under ``figures/``, curve CSVs
+    under ``plots/``. Each model is driven with its own checkpoint's z scale (``loaded`` as in
+    :func:`pipeline.evaluation.scoring.evaluate_models`). Returns the files written."""
     fp, d = params.evaluate.figures, params.degradation
     set_name = fp.set or (params.evaluate.sets or params.evalsets.sets)[0]
     es = load_eval_set(eval_root, set_name, [], max_images=fp.images)
@@ -336,14 +342,8 @@ def make_figures(
         for i, name in enumerate(es.images)
     ]
     device = resolve_device(params.evaluate.device)
-    nets: dict[str, Generator] = {}
-    for spec in models:
-        if loaded is not None and spec.name in loaded:
-            nets[spec.name] = loaded[spec.name]
-        elif not spec.path.exists():
-            raise EvalError(f"model {spec.name}: checkpoint {spec.path} not found")
-        else:
-            nets[spec.name] = load_generator(spec.path)[0]
+    nets = {spec.name: load_model(spec, loaded) for spec in models}
+    scales = {name: net.scale for name, net in nets.items()}
     out = Path(out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -352,7 +352,12 @@ def make_figures(
     for spec in models:
         for fi in inputs:
             grid = modulation_grid(
-                nets[spec.name], fi, fp.grid_blur, fp.grid_noise, params, device=device
+                nets[spec.name].model,
+                fi,
+                fp.grid_blur,
+                fp.grid_noise,
+                scales[spec.name],
+                device=device,
             )
             written.append(
                 plot_grid(
@@ -360,53 +365,79 @@ def make_figures(
                     fi,
                     out / "figures" / f"grid_{spec.name}_{_stem(fi.name)}.png",
                     title=f"{spec.name} ({spec.kind}): input {true_key}, restored over a z grid",
-                    blur_max=d.blur_max,
-                    noise_max=d.noise_max,
+                    scale=scales[spec.name],
                 )
             )
-    mse = next((m for m in models if m.kind == "mse"), None)
-    gan = next((m for m in models if m.kind == "gan"), None)
-    if mse and gan and nets[mse.name].config == nets[gan.name].config:
-        for fi in inputs:
-            strip = alpha_strip(
-                nets[mse.name], nets[gan.name], fi, fp.alphas, params, device=device
-            )
-            written.append(
-                plot_alpha_strip(
-                    strip,
-                    fp.alphas,
-                    out / "figures" / f"alpha_{_stem(fi.name)}.png",
-                    title=f"DNI {gan.name} (alpha 0) -> {mse.name} (alpha 1) at {true_key}",
-                )
-            )
-    elif mse and gan:
-        log.warning(
-            "no alpha strip: %s and %s have different generator configs", mse.name, gan.name
-        )
-    else:
-        log.info("no alpha strip: it needs one MSE and one GAN model")
+    written += _alpha_strips(models, nets, inputs, fp.alphas, out, true_key, device)
     curves = {
         spec.name: modulation_curve(
-            nets[spec.name], inputs, params, points=fp.curve_points, device=device
+            nets[spec.name].model,
+            inputs,
+            scales[spec.name],
+            points=fp.curve_points,
+            device=device,
         )
         for spec in models
     }
     if curves:
         for axis in ("blur", "noise"):
             path = out / "plots" / f"modulation_curve_{axis}.csv"
-            atomic_write_text(path, curve_csv(curves, axis, params))
+            atomic_write_text(path, curve_csv(curves, axis, scales))
             written.append(path)
-        true_z = (fp.input_blur / d.blur_max, fp.input_noise / d.noise_max)
+        true_z = {
+            m: tuple(scales[m].to_z(fp.input_blur, fp.input_noise)[0].tolist()) for m in curves
+        }
         written.append(
             plot_curves(
                 curves,
-                true_z,
+                true_z,  # type: ignore[arg-type]
                 out / "figures" / "modulation_curve.png",
                 title=f"PSNR against z, true degradation {true_key} "
                 f"({len(inputs)} image(s) of {set_name})",
             )
         )
     return written
+
+
+def _alpha_strips(
+    models: Sequence[ModelSpec],
+    nets: Mapping[str, Any],
+    inputs: Sequence[FigureInput],
+    alphas: Sequence[float],
+    out: Path,
+    true_key: str,
+    device: torch.device,
+) -> list[Path]:
+    """The DNI strip of the first MSE and first GAN model, where the two can be blended."""
+    mse = next((m for m in models if m.kind == "mse"), None)
+    gan = next((m for m in models if m.kind == "gan"), None)
+    if mse is None or gan is None:
+        log.info("no alpha strip: it needs one MSE and one GAN model")
+        return []
+    a, b = nets[mse.name], nets[gan.name]
+    if a.model.config != b.model.config:
+        log.warning(
+            "no alpha strip: %s and %s have different generator configs", mse.name, gan.name
+        )
+        return []
+    if a.scale != b.scale:
+        log.warning(
+            "no alpha strip: %s (%s) and %s (%s) were trained with different z scales",
+            mse.name,
+            a.scale.describe(),
+            gan.name,
+            b.scale.describe(),
+        )
+        return []
+    return [
+        plot_alpha_strip(
+            alpha_strip(a.model, b.model, fi, alphas, a.scale, device=device),
+            alphas,
+            out / "figures" / f"alpha_{_stem(fi.name)}.png",
+            title=f"DNI {gan.name} (alpha 0) -> {mse.name} (alpha 1) at {true_key}",
+        )
+        for fi in inputs
+    ]
 
 
 def _stem(name: str) -> str:

@@ -1,0 +1,96 @@
+"""The metric callables of one evaluation (:class:`MetricSuite`), built once: LPIPS and DISTS
+hold networks, and whether their backbones have real weights is recorded with every number.
+
+* PSNR and SSIM (:mod:`pipeline.metrics`) on RGB and on Y (BT.601, MATLAB ``rgb2ycbcr``), with
+  ``crop_border`` pixels cut from every side first (0 by default: the paper does not crop).
+* LPIPS (AlexNet v0.1, inputs in [0, 1] with ``normalize=True``) and DISTS. Computed with random
+  backbone weights (no ImageNet weights offline) they are numbers about nothing: they keep their
+  key but are labelled (``labels``, ``random``) wherever they appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline import metrics
+from pipeline.evaluation.terms import HIGHER_IS_BETTER, PERCEPTUAL, EvalError
+
+__all__ = ["MetricSuite"]
+
+
+class MetricSuite:
+    """The metric callables for one evaluation.
+
+    ``names`` selects from :data:`~pipeline.evaluation.terms.HIGHER_IS_BETTER`. ``labels`` says
+    what each number is; ``random[name]`` is True where a backbone had random weights.
+    """
+
+    def __init__(
+        self,
+        names: Iterable[str],
+        *,
+        crop_border: int = 0,
+        pretrained: str = "auto",
+        weights_dir: str | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.names = tuple(dict.fromkeys(names))
+        unknown = [n for n in self.names if n not in HIGHER_IS_BETTER]
+        if unknown:
+            raise EvalError(f"unknown metric {unknown[0]!r} (known: {', '.join(HIGHER_IS_BETTER)})")
+        self.crop_border = int(crop_border)
+        self.device = torch.device(device)
+        self.labels: dict[str, str] = {}
+        self.random: dict[str, bool] = {}
+        self._perceptual: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+        for name in self.names:
+            if name in PERCEPTUAL:
+                cls = metrics.LPIPSMetric if name == "lpips" else metrics.DISTSMetric
+                metric = cls(pretrained=pretrained, cache_dir=weights_dir)
+                if isinstance(metric, torch.nn.Module):
+                    metric = metric.to(self.device)
+                self._perceptual[name] = metric
+                self.random[name] = _is_random(metric)
+                self.labels[name] = str(metric.label)
+            else:
+                kind, space = name.split("_")
+                self.random[name] = False
+                self.labels[name] = (
+                    f"{kind.upper()} on {'Y (BT.601)' if space == 'y' else 'RGB'}, "
+                    f"crop_border={self.crop_border}"
+                )
+
+    @property
+    def any_random(self) -> bool:
+        return any(self.random.values())
+
+    def __call__(
+        self, restored: Tensor, clean: Tensor, names: Sequence[str] | None = None
+    ) -> dict[str, float]:
+        """Scores of one restored ``[1, 3, H, W]`` image against its clean image, both in
+        [0, 1]: every metric of the suite, or the subset ``names``."""
+        out: dict[str, float] = {}
+        restored, clean = restored.to(self.device), clean.to(self.device)
+        with torch.inference_mode():
+            for name in names or self.names:
+                if name in self._perceptual:
+                    value = self._perceptual[name](restored, clean)
+                else:
+                    fn = metrics.psnr if name.startswith("psnr") else metrics.ssim
+                    value = fn(
+                        restored, clean, crop_border=self.crop_border, y_channel=name.endswith("_y")
+                    )
+                out[name] = float(value.reshape(-1)[0])
+        return out
+
+
+def _is_random(metric: Any) -> bool:
+    """Whether a perceptual metric runs on random backbone weights (attribute, else its label)."""
+    for attr in ("is_random", "random_weights"):
+        if isinstance(getattr(metric, attr, None), bool):
+            return bool(getattr(metric, attr))
+    return "random" in str(getattr(metric, "label", "")).lower()

@@ -1,0 +1,150 @@
+"""The MLflow tracking store: which one (its URI), how to reach it (the client), which errors
+mean that it failed, its experiments, and batched writes into a run.
+
+The ground floor of :mod:`pipeline.tracking`: runs, the local fallback and the registry build on
+it, and nothing outside the package builds an ``MlflowClient`` of its own.
+
+Experiments: every experiment this module creates carries ``mlflow.experimentKind =
+custom_model_development``. Without that tag the MLflow 3 UI guesses the kind and opens an
+experiment that holds no traces in its GenAI *traces* view, one click away from the runs; with
+it, the runs table (the model-training view) opens first. An existing experiment found without
+the tag (or with only a value the UI inferred) gets it set; a kind someone chose by hand stays.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import requests
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from pipeline.config import TrackingParams
+
+__all__ = [
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
+    "TRACKING_ERRORS",
+    "MetricRows",
+    "ensure_experiment",
+    "experiment_id",
+    "resolve_tracking_uri",
+    "send_batch",
+    "tracking_client",
+]
+
+#: What a failed tracking call may raise (server unreachable, HTTP errors, store errors).
+TRACKING_ERRORS: tuple[type[BaseException], ...] = (
+    MlflowException,
+    requests.RequestException,
+    OSError,
+)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: Kinds the MLflow UI writes when it guesses: not a person's choice, so ours replaces them.
+_INFERRED_KINDS = ("no_inferred_type",)
+
+#: MLflow's per-request limits (log_batch): values per batch and characters per param value.
+_MAX_METRICS, _MAX_PARAMS, _MAX_TAGS, _MAX_PARAM_CHARS = 1000, 100, 100, 6000
+
+#: Metrics to log: ``{key: value}`` (step 0) or rows of ``(step, {key: value})``.
+MetricRows = Mapping[str, float] | Iterable[tuple[int, Mapping[str, float]]]
+
+
+def resolve_tracking_uri(params: TrackingParams, cwd: str | os.PathLike[str] | None = None) -> str:
+    """$MLFLOW_TRACKING_URI, else ``params.uri``, with a relative sqlite/file path made absolute
+    (Ray workers do not run in this directory)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.uri
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str((base / uri[len("sqlite:///") :]).resolve())
+    if "://" not in uri:  # a plain directory: MLflow's file store
+        return (base / uri).resolve().as_uri()
+    return uri
+
+
+def tracking_client(uri: str | None) -> MlflowClient:
+    """The client of one store. Always with an explicit URI: ``mlflow.set_tracking_uri`` would
+    export MLFLOW_TRACKING_URI to every later subprocess (Ray workers included)."""
+    return MlflowClient(tracking_uri=uri)
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:"))
+
+
+def _tag_kind(client: MlflowClient, experiment: Any) -> None:
+    kind = (experiment.tags or {}).get(EXPERIMENT_KIND_TAG)
+    if kind is None or kind.endswith("_inferred") or kind in _INFERRED_KINDS:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def experiment_id(uri: str, name: str) -> str | None:
+    """The id of experiment ``name``, or None where the store has none of that name."""
+    exp = tracking_client(uri).get_experiment_by_name(name)
+    return None if exp is None else str(exp.experiment_id)
+
+
+def ensure_experiment(
+    uri: str, name: str, *, artifact_location: str | os.PathLike[str] | None = None
+) -> str:
+    """The id of experiment ``name``, created if needed, tagged as a model-training experiment
+    (module docstring). ``artifact_location`` roots the artifacts of a new experiment in a local
+    (sqlite/file) store, as the training stages do; a server chooses its own."""
+    return _ensure_experiment(tracking_client(uri), name, uri, artifact_location)
+
+
+def _ensure_experiment(
+    client: MlflowClient,
+    name: str,
+    uri: str,
+    artifact_location: str | os.PathLike[str] | None,
+) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        _tag_kind(client, exp)
+        return str(exp.experiment_id)
+    location = None
+    if artifact_location is not None and _is_local(uri):
+        location = Path(artifact_location).resolve().as_uri()
+    return str(
+        client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
+    )
+
+
+def _metric_rows(metrics: MetricRows) -> list[tuple[int, dict[str, float]]]:
+    if isinstance(metrics, Mapping):
+        return [(0, {k: float(v) for k, v in metrics.items()})]
+    return [(int(step), {k: float(v) for k, v in m.items()}) for step, m in metrics]
+
+
+def send_batch(
+    client: MlflowClient,
+    run_id: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    metrics: MetricRows | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> None:
+    """Params, metrics and tags into one run, in batches within MLflow's request limits (param
+    values cut to its 6000 characters)."""
+    items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in (params or {}).items()]
+    for i in range(0, len(items), _MAX_PARAMS):
+        client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
+    now = int(time.time() * 1000)
+    values = [
+        Metric(k, v, now, step) for step, row in _metric_rows(metrics or {}) for k, v in row.items()
+    ]
+    for i in range(0, len(values), _MAX_METRICS):
+        client.log_batch(run_id, metrics=values[i : i + _MAX_METRICS])
+    labels = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    for i in range(0, len(labels), _MAX_TAGS):
+        client.log_batch(run_id, tags=labels[i : i + _MAX_TAGS])
