@@ -11,6 +11,7 @@ Each pipeline stage owns one section; ``base`` holds what every stage shares.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -69,12 +70,14 @@ class DegradationParams(_Section):
     noise_step: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
-    def _odd_kernel(self) -> "DegradationParams":
+    def _odd_kernel(self) -> DegradationParams:
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (got {self.kernel_size})")
         # The sampling grid must end exactly at the maximum (0, step, ..., max).
-        for name, top, step in (("blur", self.blur_max, self.blur_step),
-                                ("noise", self.noise_max, self.noise_step)):
+        for name, top, step in (
+            ("blur", self.blur_max, self.blur_step),
+            ("noise", self.noise_max, self.noise_step),
+        ):
             ratio = top / step
             if abs(ratio - round(ratio)) > 1e-9 * max(1.0, ratio):
                 raise ValueError(
@@ -121,7 +124,7 @@ class DataParams(_Section):
     max_pixels: int = Field(40_000_000, gt=0)
 
     @model_validator(mode="after")
-    def _folder_needs_path(self) -> "DataParams":
+    def _folder_needs_path(self) -> DataParams:
         if self.source == "folder" and not self.folder:
             raise ValueError("source 'folder' needs data.folder to name a directory")
         return self
@@ -161,12 +164,21 @@ class EvalSetParams(_Section):
     live1_sha256: str | None = None
     # (blur r, noise sigma) pairs: the paper's ten settings.
     settings: tuple[tuple[float, float], ...] = (
-        (0, 30), (0, 50), (2, 0), (4, 0), (1, 15), (1, 30), (2, 30), (2, 50), (4, 30), (4, 50),
+        (0, 30),
+        (0, 50),
+        (2, 0),
+        (4, 0),
+        (1, 15),
+        (1, 30),
+        (2, 30),
+        (2, 50),
+        (4, 30),
+        (4, 50),
     )
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "EvalSetParams":
+    def _check(self) -> EvalSetParams:
         if len(set(self.sets)) != len(self.sets):
             raise ValueError(f"sets lists a set twice (got {list(self.sets)})")
         for name in ("cbsd68", "live1"):
@@ -271,18 +283,34 @@ class SweepParams(_Section):
     profile: dict[str, Any] = {}
     # The paper's ablations (section 4.4): scales at 12 residual blocks in total, and GFM.
     variants: tuple[SweepVariant, ...] = (
-        SweepVariant(name="cugan-1", overrides={
-            "train_cunet": {"generator": "cugan-1"},
-            "train_cugan": {"generator": "cugan-1", "discriminator": "authors"}}),
-        SweepVariant(name="cugan-2", overrides={
-            "train_cunet": {"generator": "cugan-2"},
-            "train_cugan": {"generator": "cugan-2", "discriminator": "authors"}}),
-        SweepVariant(name="cugan-3", overrides={
-            "train_cunet": {"generator": "cugan-3"},
-            "train_cugan": {"generator": "cugan-3", "discriminator": "authors"}}),
-        SweepVariant(name="cugan-3-no-gfm", overrides={
-            "train_cunet": {"generator": "cugan-3"},
-            "train_cugan": {"generator": "cugan-3", "discriminator": "no-gfm"}}),
+        SweepVariant(
+            name="cugan-1",
+            overrides={
+                "train_cunet": {"generator": "cugan-1"},
+                "train_cugan": {"generator": "cugan-1", "discriminator": "authors"},
+            },
+        ),
+        SweepVariant(
+            name="cugan-2",
+            overrides={
+                "train_cunet": {"generator": "cugan-2"},
+                "train_cugan": {"generator": "cugan-2", "discriminator": "authors"},
+            },
+        ),
+        SweepVariant(
+            name="cugan-3",
+            overrides={
+                "train_cunet": {"generator": "cugan-3"},
+                "train_cugan": {"generator": "cugan-3", "discriminator": "authors"},
+            },
+        ),
+        SweepVariant(
+            name="cugan-3-no-gfm",
+            overrides={
+                "train_cunet": {"generator": "cugan-3"},
+                "train_cugan": {"generator": "cugan-3", "discriminator": "no-gfm"},
+            },
+        ),
     )
     # Add the GAN-loss arm: "relativistic" (RaGAN) against the paper's vanilla GAN.
     include_gan_loss: bool = False
@@ -300,7 +328,7 @@ class SweepParams(_Section):
     mlflow_experiment: str = "cugan-sweep"
 
     @model_validator(mode="after")
-    def _unique(self) -> "SweepParams":
+    def _unique(self) -> SweepParams:
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique (got {names})")
@@ -350,7 +378,7 @@ class OptimizerParams(_Section):
     weight_decay: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
-    def _check_betas(self) -> "OptimizerParams":
+    def _check_betas(self) -> OptimizerParams:
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1) (got {list(self.betas)})")
         return self
@@ -365,9 +393,9 @@ class LRScheduleParams(_Section):
     gamma: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _increasing(self) -> "LRScheduleParams":
+    def _increasing(self) -> LRScheduleParams:
         m = self.milestones
-        if any(v <= 0 for v in m) or any(b <= a for a, b in zip(m, m[1:])):
+        if any(v <= 0 for v in m) or any(b <= a for a, b in itertools.pairwise(m)):
             raise ValueError(f"milestones must be positive and increasing (got {list(m)})")
         return self
 
@@ -430,9 +458,11 @@ class TrainStageParams(_Section):
     validation: TrainValidationParams = TrainValidationParams()
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainStageParams":
+    def _check(self) -> TrainStageParams:
         if self.fixed_degradation is not None and min(self.fixed_degradation) < 0:
-            raise ValueError(f"fixed_degradation must be non-negative (got {self.fixed_degradation})")
+            raise ValueError(
+                f"fixed_degradation must be non-negative (got {self.fixed_degradation})"
+            )
         return self
 
 
@@ -441,7 +471,9 @@ class CuganStageParams(TrainStageParams):
 
     loss: Literal["mse", "gan"] = "gan"
     weights: LossWeightParams = LossWeightParams(pixel=0.01, perceptual=1.0, gan=0.005)
-    schedule: LRScheduleParams = LRScheduleParams(milestones=(50_000, 100_000, 200_000, 300_000, 400_000))
+    schedule: LRScheduleParams = LRScheduleParams(
+        milestones=(50_000, 100_000, 200_000, 300_000, 400_000)
+    )
     iterations: int = Field(500_000, gt=0)
 
 

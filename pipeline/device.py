@@ -26,7 +26,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError):
-            raise DeviceError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+            raise DeviceError(
+                f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)"
+            ) from None
     if dev.type not in ("cpu", "cuda"):
         raise DeviceError(f"unsupported device {str(dev)!r} (use cpu, cuda, cuda:N or auto)")
     if dev.type == "cuda":

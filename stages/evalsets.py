@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     write_report(args.report, report)
     for name, counts in report.extra["sets"].items():
-        log.info("evalsets: %s: %d images, %d degraded files", name, counts["images"],
-                 counts["files"])
+        log.info(
+            "evalsets: %s: %d images, %d degraded files", name, counts["images"], counts["files"]
+        )
     return 0
 
 

@@ -26,14 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         params = load_params(args.params)
-        report = extract_subimages(args.prepared, args.out, params.extract,
-                                   workers=resolve_workers(args.workers))
+        report = extract_subimages(
+            args.prepared, args.out, params.extract, workers=resolve_workers(args.workers)
+        )
     except (ConfigError, PrepareError, ExtractError) as err:
         log.error("%s", err)
         return 1
     write_report(args.report, report)
-    log.info("extract: %d sub-images of %d images", report.extra["num_subimages"],
-             report.extra["num_images"])
+    log.info(
+        "extract: %d sub-images of %d images",
+        report.extra["num_subimages"],
+        report.extra["num_images"],
+    )
     return 0
 
 

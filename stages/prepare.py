@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         source = resolve_source(params.data, args.downloads)
         report = prepare_images(
-            source, args.out, crop_size=params.extract.crop_size, holdout=params.data.holdout,
-            holdout_seed=params.data.holdout_seed, max_pixels=params.data.max_pixels,
+            source,
+            args.out,
+            crop_size=params.extract.crop_size,
+            holdout=params.data.holdout,
+            holdout_seed=params.data.holdout_seed,
+            max_pixels=params.data.max_pixels,
             workers=resolve_workers(args.workers),
         )
     except PrepareError as err:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_write_json
 from pipeline.config import ConfigError, load_params
-from pipeline.data.subimages import ExtractError
 from pipeline.data.shards import ShardError, shard_subimages
+from pipeline.data.subimages import ExtractError
 
 log = logging.getLogger("stages.shards")
 
@@ -32,16 +32,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     sizes = [(out / s["tar"]).stat().st_size for s in manifest["shards"]]
     Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.report, {
-        "stage": "shards",
-        "num_shards": len(manifest["shards"]),
-        "num_samples": manifest["num_samples"],
-        "crop_size": manifest["crop_size"],
-        "total_bytes": sum(sizes),
-        "max_shard_bytes": max(sizes),
-    })
-    log.info("shards: %d samples in %d shards (%.1f MB)", manifest["num_samples"],
-             len(manifest["shards"]), sum(sizes) / 1e6)
+    atomic_write_json(
+        args.report,
+        {
+            "stage": "shards",
+            "num_shards": len(manifest["shards"]),
+            "num_samples": manifest["num_samples"],
+            "crop_size": manifest["crop_size"],
+            "total_bytes": sum(sizes),
+            "max_shard_bytes": max(sizes),
+        },
+    )
+    log.info(
+        "shards: %d samples in %d shards (%.1f MB)",
+        manifest["num_samples"],
+        len(manifest["shards"]),
+        sum(sizes) / 1e6,
+    )
     return 0
 
 

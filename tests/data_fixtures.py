@@ -34,8 +34,12 @@ def png16(path: Path, array16: np.ndarray) -> Path:
     """A 16-bit-per-channel RGB PNG (Pillow cannot write one), written by hand."""
     h, w, _ = array16.shape
     raw = b"".join(b"\0" + array16[y].astype(">u2").tobytes() for y in range(h))
-    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + _chunk(b"IDAT", zlib.compress(raw))
+        + _chunk(b"IEND", b"")
+    )
     path.write_bytes(data)
     return path
 
@@ -43,8 +47,12 @@ def png16(path: Path, array16: np.ndarray) -> Path:
 def png_bomb(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
-            + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + _chunk(b"IEND", b"")
+    )
     path.write_bytes(data)
     return path
 
@@ -60,5 +68,8 @@ def image_folder(root: Path, n: int = 4, size: tuple[int, int] = (48, 64)) -> Pa
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` (relative path -> content), for byte-identity checks."""
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }

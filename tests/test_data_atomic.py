@@ -38,10 +38,9 @@ def test_staging_dir_success_replaces_old(tmp_path):
 
 def test_staging_dir_failure_keeps_old_and_cleans_up(tmp_path):
     final = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        with staging_dir(final) as tmp:
-            (tmp / "half").write_text("x")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), staging_dir(final) as tmp:
+        (tmp / "half").write_text("x")
+        raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
 
 

@@ -34,23 +34,33 @@ DEG = DegradationParams()
 @pytest.fixture
 def prepared(tmp_path):
     src = folder_images(image_folder(tmp_path / "raw", n=4, size=(40, 36)))
-    prepare_images(src, tmp_path / "prepared", crop_size=32, holdout=2, holdout_seed=0,
-                   max_pixels=10**6)
+    prepare_images(
+        src, tmp_path / "prepared", crop_size=32, holdout=2, holdout_seed=0, max_pixels=10**6
+    )
     return tmp_path / "prepared"
 
 
-@pytest.mark.parametrize(("r", "s", "name"), [
-    (2, 30, "blur2_noise30"), (0.5, 0, "blur0.5_noise0"), (0, 50, "blur0_noise50"),
-    (1.0, 15.0, "blur1_noise15"),
-])
+@pytest.mark.parametrize(
+    ("r", "s", "name"),
+    [
+        (2, 30, "blur2_noise30"),
+        (0.5, 0, "blur0.5_noise0"),
+        (0, 50, "blur0_noise50"),
+        (1.0, 15.0, "blur1_noise15"),
+    ],
+)
 def test_setting_names(r, s, name):
     assert setting_key(r, s) == name
 
 
 def test_image_seed_depends_on_every_part():
     base = image_seed(0, "holdout", "a", 2, 30)
-    others = {image_seed(1, "holdout", "a", 2, 30), image_seed(0, "cbsd68", "a", 2, 30),
-              image_seed(0, "holdout", "b", 2, 30), image_seed(0, "holdout", "a", 2, 50)}
+    others = {
+        image_seed(1, "holdout", "a", 2, 30),
+        image_seed(0, "cbsd68", "a", 2, 30),
+        image_seed(0, "holdout", "b", 2, 30),
+        image_seed(0, "holdout", "a", 2, 50),
+    }
     assert base not in others and len(others) == 4
     assert 0 <= base < 2**63 and base == image_seed(0, "holdout", "a", 2.0, 30.0)
 
@@ -61,11 +71,19 @@ def test_layout_manifest_and_pixels(prepared, tmp_path):
     root = tmp_path / "eval" / "holdout"
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["holdout"]
     assert sorted(p.name for p in root.iterdir()) == [
-        "blur0_noise30", "blur1_noise15", "blur2_noise0", "gt", "manifest.json"]
+        "blur0_noise30",
+        "blur1_noise15",
+        "blur2_noise0",
+        "gt",
+        "manifest.json",
+    ]
     manifest = json.loads((root / "manifest.json").read_text())
     assert report.extra["sets"] == {"holdout": {"images": 2, "files": 6}}
-    assert [s["name"] for s in manifest["settings"]] == ["blur0_noise30", "blur2_noise0",
-                                                         "blur1_noise15"]
+    assert [s["name"] for s in manifest["settings"]] == [
+        "blur0_noise30",
+        "blur2_noise0",
+        "blur1_noise15",
+    ]
     assert manifest["settings"][2]["z"] == [0.25, 0.3]
     for f in manifest["files"]:
         assert f["z"] == [f["blur"] / 4, f["noise"] / 50]
@@ -73,20 +91,24 @@ def test_layout_manifest_and_pixels(prepared, tmp_path):
         assert sha256_file(root / f["path"]) == f["sha256"]
         # the stored image is exactly degrade() with the per-file seed
         gt = np.asarray(Image.open(root / f["gt"]))
-        gen = torch.Generator().manual_seed(image_seed(3, "holdout", f["image"], f["blur"],
-                                                       f["noise"]))
+        gen = torch.Generator().manual_seed(
+            image_seed(3, "holdout", f["image"], f["blur"], f["noise"])
+        )
         want = to_uint8(degrade(to_tensor(gt), f["blur"], f["noise"], generator=gen))
         assert np.array_equal(np.asarray(Image.open(root / f["path"])), want)
     # gt equals the prepared held-out image
     for im in manifest["images"]:
-        assert np.array_equal(np.asarray(Image.open(root / im["gt"])),
-                              np.asarray(Image.open(prepared / "holdout" / f"{im['name']}.png")))
+        assert np.array_equal(
+            np.asarray(Image.open(root / im["gt"])),
+            np.asarray(Image.open(prepared / "holdout" / f"{im['name']}.png")),
+        )
 
 
 def test_adding_a_setting_changes_no_other_file(prepared, tmp_path):
     build_evalsets(EvalSetParams(settings=((0, 30), (2, 50))), DEG, prepared, tmp_path / "a")
-    build_evalsets(EvalSetParams(settings=((4, 50), (0, 30), (1, 15), (2, 50))), DEG, prepared,
-                   tmp_path / "b")
+    build_evalsets(
+        EvalSetParams(settings=((4, 50), (0, 30), (1, 15), (2, 50))), DEG, prepared, tmp_path / "b"
+    )
     a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     for rel, data in a.items():
         if not rel.endswith("manifest.json"):
@@ -132,7 +154,7 @@ def test_checksum_list_selects_and_verifies(tmp_path):
     assert [n for n, _, _ in collect_images(d, checks)] == ["0", "1", "2"]  # extra.png not used
     assert [n for n, _, _ in collect_images(d)] == ["0", "1", "2", "extra"]
     save(d / "1.png", textured(20, 20, 5))
-    with pytest.raises(EvalSetError, match="1.png: sha256 does not match"):
+    with pytest.raises(EvalSetError, match=r"1\.png: sha256 does not match"):
         collect_images(d, checks)
     (d / "2.png").unlink()
     listing.write_text(f"{'a' * 64}  2.png\n")
@@ -174,8 +196,9 @@ def test_cbsd68_from_the_shared_directory(prepared, tmp_path):
     sub = tmp_path / "few.sha256"
     sub.write_text("".join(f"{listing[n]}  {n}\n" for n in few))
     assert len(collect_images(SHARED_CBSD68, listing)) == 68  # the whole set verifies
-    params = EvalSetParams(sets=("cbsd68",), cbsd68_dir=str(d), cbsd68_sha256=str(sub),
-                           settings=((2, 30),))
+    params = EvalSetParams(
+        sets=("cbsd68",), cbsd68_dir=str(d), cbsd68_sha256=str(sub), settings=((2, 30),)
+    )
     build_evalsets(params, DEG, prepared, tmp_path / "ev")
     manifest = json.loads((tmp_path / "ev" / "cbsd68" / "manifest.json").read_text())
     assert [im["name"] for im in manifest["images"]] == [Path(n).stem for n in few]

@@ -24,22 +24,25 @@ from pipeline.data.subimages import TAR, ExtractError, read_subimage, read_subim
 from tests.data_fixtures import image_folder, tree_bytes
 
 
-@pytest.mark.parametrize(("length", "crop", "step", "thresh", "expected"), [
-    # exact fit: no extra crop
-    (480, 192, 96, 48, [0, 96, 192, 288]),
-    # leftover 32 <= thresh 48: dropped (BasicSR: strictly greater than thresh adds one)
-    (512, 192, 96, 48, [0, 96, 192, 288]),
-    # leftover 56 > 48: one more crop flush with the edge
-    (536, 192, 96, 48, [0, 96, 192, 288, 344]),
-    # thresh 0: any leftover gets a flush crop
-    (500, 192, 96, 0, [0, 96, 192, 288, 308]),
-    # leftover exactly thresh: dropped
-    (528, 192, 96, 48, [0, 96, 192, 288]),
-    (192, 192, 96, 0, [0]),
-    (191, 192, 96, 0, []),
-    # DIV2K-like width 2040 with BasicSR's 480/240/0
-    (2040, 480, 240, 0, [0, 240, 480, 720, 960, 1200, 1440, 1560]),
-])
+@pytest.mark.parametrize(
+    ("length", "crop", "step", "thresh", "expected"),
+    [
+        # exact fit: no extra crop
+        (480, 192, 96, 48, [0, 96, 192, 288]),
+        # leftover 32 <= thresh 48: dropped (BasicSR: strictly greater than thresh adds one)
+        (512, 192, 96, 48, [0, 96, 192, 288]),
+        # leftover 56 > 48: one more crop flush with the edge
+        (536, 192, 96, 48, [0, 96, 192, 288, 344]),
+        # thresh 0: any leftover gets a flush crop
+        (500, 192, 96, 0, [0, 96, 192, 288, 308]),
+        # leftover exactly thresh: dropped
+        (528, 192, 96, 48, [0, 96, 192, 288]),
+        (192, 192, 96, 0, [0]),
+        (191, 192, 96, 0, []),
+        # DIV2K-like width 2040 with BasicSR's 480/240/0
+        (2040, 480, 240, 0, [0, 240, 480, 720, 960, 1200, 1440, 1560]),
+    ],
+)
 def test_crop_positions_follow_basicsr(length, crop, step, thresh, expected):
     assert crop_positions(length, crop, step, thresh) == expected
 
@@ -66,8 +69,9 @@ def test_encode_png_is_deterministic_and_lossless():
 @pytest.fixture
 def prepared(tmp_path):
     src = folder_images(image_folder(tmp_path / "raw", n=4, size=(48, 64)))
-    prepare_images(src, tmp_path / "prepared", crop_size=32, holdout=1, holdout_seed=0,
-                   max_pixels=10**6)
+    prepare_images(
+        src, tmp_path / "prepared", crop_size=32, holdout=1, holdout_seed=0, max_pixels=10**6
+    )
     return tmp_path / "prepared"
 
 
@@ -85,7 +89,7 @@ def test_extract_writes_every_crop_with_a_correct_index(prepared, tmp_path):
             img = np.asarray(Image.open(prepared / "train" / f"{rec['image']}.png"))
             crop = np.asarray(Image.open(io.BytesIO(read_subimage(fd, rec))))
             assert crop.shape == (32, 32, 3)
-            assert np.array_equal(crop, img[rec["y"]:rec["y"] + 32, rec["x"]:rec["x"] + 32])
+            assert np.array_equal(crop, img[rec["y"] : rec["y"] + 32, rec["x"] : rec["x"] + 32])
             assert rec["key"] == subimage_key(rec["image"], rec["y"], rec["x"])
             assert "." not in rec["key"]
     finally:

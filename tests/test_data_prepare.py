@@ -36,7 +36,8 @@ def bad_input_folder(root: Path) -> dict[str, str]:
     save(root / "rgba_transparent.png", rgba_t, "RGBA")
     Image.fromarray(textured(40, 40, 5)).convert("CMYK").save(root / "cmyk.jpg", quality=95)
     Image.fromarray(textured(40, 40, 6)).convert("P", palette=Image.Palette.ADAPTIVE).save(
-        root / "palette.png")
+        root / "palette.png"
+    )
     save(root / "small.png", textured(20, 64, 7))
     png_bomb(root / "bomb.png")
     expected = {
@@ -64,16 +65,24 @@ def bad_input_folder(root: Path) -> dict[str, str]:
     return expected
 
 
-SKIPPED = {"truncated.png", "not_an_image.png", "rgba_transparent.png", "small.png", "bomb.png",
-           "dangling.png", "locked.png"}
+SKIPPED = {
+    "truncated.png",
+    "not_an_image.png",
+    "rgba_transparent.png",
+    "small.png",
+    "bomb.png",
+    "dangling.png",
+    "locked.png",
+}
 
 
 def test_bad_input_is_converted_or_skipped_with_reasons(tmp_path, caplog):
     expected = bad_input_folder(tmp_path / "raw")
     source = folder_images(tmp_path / "raw")
     out = tmp_path / "prepared"
-    report = prepare_images(source, out, crop_size=CROP, holdout=1, holdout_seed=0,
-                            max_pixels=1_000_000)
+    report = prepare_images(
+        source, out, crop_size=CROP, holdout=1, holdout_seed=0, max_pixels=1_000_000
+    )
 
     skipped = {s["source"]: s["reason"] for s in report.skipped}
     converted = {c["source"]: " ".join(c["notes"]) for c in report.converted}
@@ -109,15 +118,32 @@ def test_bad_input_is_converted_or_skipped_with_reasons(tmp_path, caplog):
 def test_stage_writes_report_and_summary_line(tmp_path, caplog):
     expected = bad_input_folder(tmp_path / "raw")
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({
-        "data": {"source": "folder", "folder": str(tmp_path / "raw"), "holdout": 1,
-                 "max_pixels": 1_000_000},
-        "extract": {"crop_size": CROP},
-    }))
+    params.write_text(
+        json.dumps(
+            {
+                "data": {
+                    "source": "folder",
+                    "folder": str(tmp_path / "raw"),
+                    "holdout": 1,
+                    "max_pixels": 1_000_000,
+                },
+                "extract": {"crop_size": CROP},
+            }
+        )
+    )
     caplog.set_level("INFO")
-    rc = prepare_main(["--params", str(params), "--out", str(tmp_path / "out"),
-                       "--report", str(tmp_path / "reports/prepare.json"),
-                       "--downloads", str(tmp_path / "dl")])
+    rc = prepare_main(
+        [
+            "--params",
+            str(params),
+            "--out",
+            str(tmp_path / "out"),
+            "--report",
+            str(tmp_path / "reports/prepare.json"),
+            "--downloads",
+            str(tmp_path / "dl"),
+        ]
+    )
     assert rc == 0
     n_skip = len(SKIPPED & set(expected))
     assert f"prepare: 1 ok, 5 converted, {n_skip} skipped" in caplog.messages
@@ -140,8 +166,9 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare_mod, "atomic_write_bytes", failing)
     with pytest.raises(OSError, match="simulated"):
-        prepare_images(source, tmp_path / "out", crop_size=CROP, holdout=1, holdout_seed=0,
-                       max_pixels=10**6)
+        prepare_images(
+            source, tmp_path / "out", crop_size=CROP, holdout=1, holdout_seed=0, max_pixels=10**6
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no out/, no staging dir
 
 
@@ -150,6 +177,7 @@ def test_failure_keeps_previous_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
     prepare_images(source, out, crop_size=CROP, holdout=1, holdout_seed=0, max_pixels=10**6)
     before = tree_bytes(out)
+
     def broken(*args, **kwargs):
         raise OSError("x")
 
@@ -162,8 +190,9 @@ def test_failure_keeps_previous_output(tmp_path, monkeypatch):
 def test_no_training_image_left_is_an_error_with_report(tmp_path):
     source = folder_images(image_folder(tmp_path / "raw", n=2))
     with pytest.raises(PrepareError, match="no training images") as info:
-        prepare_images(source, tmp_path / "out", crop_size=CROP, holdout=2, holdout_seed=0,
-                       max_pixels=10**6)
+        prepare_images(
+            source, tmp_path / "out", crop_size=CROP, holdout=2, holdout_seed=0, max_pixels=10**6
+        )
     assert info.value.report is not None and info.value.report.counts["ok"] == 2
     assert not (tmp_path / "out").exists()
 
@@ -172,8 +201,14 @@ def test_rgb_pngs_are_kept_byte_for_byte_others_reencoded(tmp_path):
     raw = tmp_path / "raw"
     save(raw / "a.png", textured(40, 40, 1), optimize=True)
     save(raw / "b.jpg", textured(40, 40, 2), quality=90)
-    prepare_images(folder_images(raw), tmp_path / "out", crop_size=CROP, holdout=0,
-                   holdout_seed=0, max_pixels=10**6)
+    prepare_images(
+        folder_images(raw),
+        tmp_path / "out",
+        crop_size=CROP,
+        holdout=0,
+        holdout_seed=0,
+        max_pixels=10**6,
+    )
     assert (tmp_path / "out/train/a.png").read_bytes() == (raw / "a.png").read_bytes()
     b = tmp_path / "out/train/b.png"
     assert b.read_bytes().startswith(b"\x89PNG")
@@ -193,18 +228,33 @@ def test_holdout_choice_is_deterministic_and_stable():
 def test_same_input_gives_identical_bytes(tmp_path):
     source = folder_images(image_folder(tmp_path / "raw", n=4))
     for d in ("a", "b"):
-        prepare_images(source, tmp_path / d, crop_size=CROP, holdout=1, holdout_seed=0,
-                       max_pixels=10**6)
+        prepare_images(
+            source, tmp_path / d, crop_size=CROP, holdout=1, holdout_seed=0, max_pixels=10**6
+        )
     assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
 
 
 def test_parallel_workers_give_the_same_output(tmp_path, monkeypatch):
     monkeypatch.setattr("pipeline.data.workers.MIN_ITEMS_FOR_POOL", 2)
     source = folder_images(image_folder(tmp_path / "raw", n=4))
-    prepare_images(source, tmp_path / "serial", crop_size=CROP, holdout=1, holdout_seed=0,
-                   max_pixels=10**6, workers=1)
-    prepare_images(source, tmp_path / "pool", crop_size=CROP, holdout=1, holdout_seed=0,
-                   max_pixels=10**6, workers=2)
+    prepare_images(
+        source,
+        tmp_path / "serial",
+        crop_size=CROP,
+        holdout=1,
+        holdout_seed=0,
+        max_pixels=10**6,
+        workers=1,
+    )
+    prepare_images(
+        source,
+        tmp_path / "pool",
+        crop_size=CROP,
+        holdout=1,
+        holdout_seed=0,
+        max_pixels=10**6,
+        workers=2,
+    )
     assert tree_bytes(tmp_path / "serial") == tree_bytes(tmp_path / "pool")
 
 
@@ -212,8 +262,14 @@ def test_sample_source_prepares_offline(tmp_path):
     pytest.importorskip("skimage")
     params = parse_params({})
     source = resolve_source(params.data, tmp_path / "dl")
-    report = prepare_images(source, tmp_path / "out", crop_size=192, holdout=2, holdout_seed=0,
-                            max_pixels=params.data.max_pixels)
+    report = prepare_images(
+        source,
+        tmp_path / "out",
+        crop_size=192,
+        holdout=2,
+        holdout_seed=0,
+        max_pixels=params.data.max_pixels,
+    )
     assert report.counts["skipped"] == 0
     assert (report.extra["train"], report.extra["holdout"]) == (3, 2)
     assert not (tmp_path / "dl").exists()  # no download for the sample

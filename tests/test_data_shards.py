@@ -21,8 +21,10 @@ from tests.data_fixtures import image_folder, textured, tree_bytes
 
 
 def samples(n: int, size: int = 16) -> list[dict]:
-    return [{"key": f"img{i:03d}-y0-x{i}", "png": encode_png(textured(size, size, i), 1)}
-            for i in range(n)]
+    return [
+        {"key": f"img{i:03d}-y0-x{i}", "png": encode_png(textured(size, size, i), 1)}
+        for i in range(n)
+    ]
 
 
 def write(tmp_path, items, **params):
@@ -44,8 +46,14 @@ def test_count_cap_layout_and_shards_json(tmp_path):
     assert manifest["num_samples"] == 10 and manifest["crop_size"] == 16
     assert (manifest["format"], manifest["version"]) == ("cugan-shards", 1)
     assert sorted(p.name for p in out.iterdir()) == [
-        "shard-00000.idx", "shard-00000.tar", "shard-00001.idx", "shard-00001.tar",
-        "shard-00002.idx", "shard-00002.tar", "shards.json"]
+        "shard-00000.idx",
+        "shard-00000.tar",
+        "shard-00001.idx",
+        "shard-00001.tar",
+        "shard-00002.idx",
+        "shard-00002.tar",
+        "shards.json",
+    ]
     assert read_shards_json(out) == manifest
     # every sample exactly once, one member <key>.png each, bytes unchanged
     by_key = {s["key"]: s["png"] for s in items}
@@ -96,7 +104,13 @@ def test_tar_headers_are_fixed(tmp_path):
     for entry in manifest["shards"]:
         for m in members(out / entry["tar"]):
             assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (
-                TAR_MTIME, 0, 0, "cugan", "cugan", 0o444)
+                TAR_MTIME,
+                0,
+                0,
+                "cugan",
+                "cugan",
+                0o444,
+            )
             assert m.isreg()
 
 
@@ -158,8 +172,9 @@ def test_read_shards_json_errors(tmp_path):
 
 def test_shards_from_extracted_subimages_decode_to_the_crops(tmp_path):
     src = folder_images(image_folder(tmp_path / "raw", n=3))
-    prepare_images(src, tmp_path / "prep", crop_size=32, holdout=1, holdout_seed=0,
-                   max_pixels=10**6)
+    prepare_images(
+        src, tmp_path / "prep", crop_size=32, holdout=1, holdout_seed=0, max_pixels=10**6
+    )
     extract_subimages(tmp_path / "prep", tmp_path / "sub", ExtractParams(crop_size=32, step=16))
     manifest = shard_subimages(tmp_path / "sub", tmp_path / "shards", ShardParams(max_count=5))
     assert manifest["crop_size"] == 32
@@ -172,7 +187,7 @@ def test_shards_from_extracted_subimages_decode_to_the_crops(tmp_path):
     image, rest = m.name.removesuffix(".png").rsplit("-y", 1)
     y, x = (int(v) for v in rest.split("-x"))
     full = np.asarray(Image.open(tmp_path / "prep" / "train" / f"{image}.png"))
-    assert np.array_equal(crop, full[y:y + 32, x:x + 32])
+    assert np.array_equal(crop, full[y : y + 32, x : x + 32])
 
 
 def test_webdataset_reads_the_shards(tmp_path):

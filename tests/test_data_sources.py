@@ -34,13 +34,16 @@ from tests.data_fixtures import save, textured
 # names and folders
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("0001", "0001"),
-    ("img.0", "img_0"),
-    ("sub/dir/a b.c", "sub_dir_a_b_c"),
-    ("ünï-cøde_ok", "_n_-c_de_ok"),
-    ("", "_"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0001", "0001"),
+        ("img.0", "img_0"),
+        ("sub/dir/a b.c", "sub_dir_a_b_c"),
+        ("ünï-cøde_ok", "_n_-c_de_ok"),
+        ("", "_"),
+    ],
+)
 def test_sanitize_name(text, expected):
     assert sanitize_name(text) == expected
 
@@ -76,8 +79,13 @@ def test_folder_errors(tmp_path):
 def test_sample_images_are_verified_and_offline():
     pytest.importorskip("skimage")
     src = sample_images()
-    assert [im.name for im in src.images] == ["astronaut", "chelsea", "coffee",
-                                              "hubble_deep_field", "rocket"]
+    assert [im.name for im in src.images] == [
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "hubble_deep_field",
+        "rocket",
+    ]
     for im, item in zip(src.images, SAMPLE_IMAGES, strict=True):
         assert sha256_file(im.path) == item.sha256
         assert item.licence in ("CC0", "public domain")
@@ -89,8 +97,14 @@ def test_sample_images_are_verified_and_offline():
 
 
 class _Server:
-    def __init__(self, payload: bytes, *, cut_first: bool = True, honour_range: bool = True,
-                 first_status: int | None = None):
+    def __init__(
+        self,
+        payload: bytes,
+        *,
+        cut_first: bool = True,
+        honour_range: bool = True,
+        first_status: int | None = None,
+    ):
         self.payload = payload
         self.requests: list[str | None] = []
         server = self
@@ -99,7 +113,7 @@ class _Server:
             def log_message(self, *args):  # keep pytest output clean
                 pass
 
-            def do_GET(self):  # noqa: N802 - http.server API
+            def do_GET(self):
                 rng = self.headers.get("Range")
                 server.requests.append(rng)
                 if first_status and len(server.requests) == 1:
@@ -153,8 +167,15 @@ def test_download_resumes_after_interruption(tmp_path):
     payload = make_div2k_zip(tmp_path / "src.zip")
     digest = hashlib.sha256(payload).hexdigest()
     with _Server(payload) as server:
-        out = download(server.url, tmp_path / "dl" / "x.zip", sha256=digest, size=len(payload),
-                       retries=2, timeout=10, backoff=0)
+        out = download(
+            server.url,
+            tmp_path / "dl" / "x.zip",
+            sha256=digest,
+            size=len(payload),
+            retries=2,
+            timeout=10,
+            backoff=0,
+        )
     assert out.read_bytes() == payload
     assert server.requests[0] is None
     assert server.requests[1] == f"bytes={len(payload) // 3}-"  # resumed, not restarted
@@ -166,8 +187,9 @@ def test_download_resumes_a_part_file_from_an_earlier_run(tmp_path):
     part = tmp_path / "x.zip.part"
     part.write_bytes(payload[:100])
     with _Server(payload, cut_first=False) as server:
-        download(server.url, tmp_path / "x.zip", sha256=hashlib.sha256(payload).hexdigest(),
-                 backoff=0)
+        download(
+            server.url, tmp_path / "x.zip", sha256=hashlib.sha256(payload).hexdigest(), backoff=0
+        )
     assert server.requests == ["bytes=100-"]
     assert (tmp_path / "x.zip").read_bytes() == payload
 
@@ -175,8 +197,13 @@ def test_download_resumes_a_part_file_from_an_earlier_run(tmp_path):
 def test_download_restarts_when_the_server_ignores_range(tmp_path):
     payload = make_div2k_zip(tmp_path / "src.zip")
     with _Server(payload, honour_range=False) as server:
-        download(server.url, tmp_path / "x.zip", sha256=hashlib.sha256(payload).hexdigest(),
-                 retries=2, backoff=0)
+        download(
+            server.url,
+            tmp_path / "x.zip",
+            sha256=hashlib.sha256(payload).hexdigest(),
+            retries=2,
+            backoff=0,
+        )
     assert (tmp_path / "x.zip").read_bytes() == payload
 
 
@@ -186,9 +213,11 @@ def test_download_retries_a_server_error_but_not_a_client_error(tmp_path):
     with _Server(payload, cut_first=False, first_status=503) as server:
         download(server.url, tmp_path / "x.zip", sha256=digest, retries=1, backoff=0)
     assert len(server.requests) == 2 and (tmp_path / "x.zip").read_bytes() == payload
-    with _Server(payload, cut_first=False, first_status=404) as server:
-        with pytest.raises(SourceError, match="HTTP 404"):
-            download(server.url, tmp_path / "y.zip", sha256=digest, retries=3, backoff=0)
+    with (
+        _Server(payload, cut_first=False, first_status=404) as server,
+        pytest.raises(SourceError, match="HTTP 404"),
+    ):
+        download(server.url, tmp_path / "y.zip", sha256=digest, retries=3, backoff=0)
     assert len(server.requests) == 1
 
 
@@ -202,8 +231,13 @@ def test_download_checksum_mismatch_deletes_and_raises(tmp_path):
 def test_download_gives_up_after_retries_and_keeps_part(tmp_path):
     payload = make_div2k_zip(tmp_path / "src.zip")
     with _Server(payload) as server, pytest.raises(SourceError, match="run again to resume"):
-        download(server.url, tmp_path / "x.zip", sha256=hashlib.sha256(payload).hexdigest(),
-                 retries=0, backoff=0)
+        download(
+            server.url,
+            tmp_path / "x.zip",
+            sha256=hashlib.sha256(payload).hexdigest(),
+            retries=0,
+            backoff=0,
+        )
     assert (tmp_path / "x.zip.part").stat().st_size == len(payload) // 3
 
 
@@ -215,8 +249,9 @@ def test_div2k_download_then_extract(tmp_path, monkeypatch):
     real_download = sources.download
     monkeypatch.setattr(sources, "download", lambda *a, **kw: real_download(*a, **kw, backoff=0))
     with _Server(payload) as server:
-        p = Div2kParams(url=server.url, sha256=digest, size=len(payload), expected_images=3,
-                        retries=2)
+        p = Div2kParams(
+            url=server.url, sha256=digest, size=len(payload), expected_images=3, retries=2
+        )
         src = div2k_images(p, tmp_path / "dl")
     assert len(server.requests) == 2 and server.requests[1] is not None  # resumed once
     assert (tmp_path / "dl" / "DIV2K_train_HR.zip").read_bytes() == payload
@@ -229,8 +264,11 @@ def test_div2k_download_then_extract(tmp_path, monkeypatch):
 
 def test_div2k_local_zip_is_verified(tmp_path):
     payload = make_div2k_zip(tmp_path / "local.zip")
-    good = Div2kParams(local=str(tmp_path / "local.zip"),
-                       sha256=hashlib.sha256(payload).hexdigest(), expected_images=3)
+    good = Div2kParams(
+        local=str(tmp_path / "local.zip"),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        expected_images=3,
+    )
     assert len(div2k_images(good, tmp_path / "dl").images) == 3
     bad = Div2kParams(local=str(tmp_path / "local.zip"), sha256="1" * 64, expected_images=3)
     with pytest.raises(SourceError, match="does not match"):

@@ -121,7 +121,7 @@ def test_wrong_input_size_rejected(shape: tuple) -> None:
 
 def test_z_required_with_gfm() -> None:
     x, _ = _batch(batch=1)
-    with pytest.raises(ValueError, match="z .* is required"):
+    with pytest.raises(ValueError, match=r"z .* is required"):
         _seeded(TINY)(x, None)
     with pytest.raises(ValueError, match="z of shape"):
         _seeded(TINY)(x, torch.rand(1, 3))

@@ -358,7 +358,7 @@ def test_variant_profile_and_bad_override(tmp_path):
     vp = variant_params(params, v, trial_dir=tmp_path)
     assert (vp.train_cunet.iterations, vp.train_cunet.generator) == (7, "tiny")
     bad = SweepVariant(name="typo", overrides={"train_cunet": {"generatr": "tiny"}})
-    with pytest.raises(ConfigError, match="sweep variant 'typo'.*generatr"):
+    with pytest.raises(ConfigError, match=r"sweep variant 'typo'.*generatr"):
         variant_params(params, bad, trial_dir=tmp_path)
 
 

@@ -115,8 +115,8 @@ def test_same_seed_same_batches_other_seed_differs(shards):
     a = [b.degraded for b in build_train_loader(shards, params(), seed=7)]
     b = [b.degraded for b in build_train_loader(shards, params(), seed=7)]
     c = [b.degraded for b in build_train_loader(shards, params(), seed=8)]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_rank_seeds_differ():
@@ -134,7 +134,7 @@ def test_breaking_out_keeps_the_position(shards):
         break
     assert loader.state_dict()["batch"] == 1
     got += [b.clean for b in loader]
-    assert len(got) == 3 and all(torch.equal(x, y) for x, y in zip(got, whole))
+    assert len(got) == 3 and all(torch.equal(x, y) for x, y in zip(got, whole, strict=True))
 
 
 def test_load_state_after_iterating_is_refused(shards):
@@ -250,7 +250,7 @@ def test_gpu_restore_continues_with_the_same_batches(shards):
     resumed = build_train_loader(shards, params(device="gpu"), seed=3, device="cuda")
     resumed.load_state_dict(state)
     got = next(iter(resumed))
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_loader_debug_outputs_are_documented(shards):
@@ -290,4 +290,4 @@ def test_close_then_iterate_continues(shards):
     got = [next(it).clean]
     loader.close()
     got += [b.clean for b in loader]
-    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -101,7 +101,7 @@ def run_batches(pipe, iterations: int) -> list[dict[str, np.ndarray]]:
     pipe.build()
     names = list(OUTPUTS) + list(DEBUG_OUTPUTS)
     return [
-        {name: np.array(out.as_tensor()) for name, out in zip(names, pipe.run())}
+        {name: np.array(out.as_tensor()) for name, out in zip(names, pipe.run(), strict=True)}
         for _ in range(iterations)
     ]
 
@@ -324,7 +324,7 @@ def test_restored_loader_continues_with_the_same_batches(tmp_path, stop):
     tail = _consume(resumed, total - stop)
     for got, want in zip(head + tail, reference, strict=True):
         assert got[0] == want[0]
-        for a, b in zip(got[1:], want[1:]):
+        for a, b in zip(got[1:], want[1:], strict=True):
             assert torch.equal(a, b)
 
 
@@ -352,7 +352,7 @@ def test_torch_and_dali_batches_agree_in_kind(tmp_path):
         if backend == "torch":
             loader.num_workers = 0
         out[backend] = next(iter(loader))
-    for a, b in zip(out["dali"], out["torch"]):
+    for a, b in zip(out["dali"], out["torch"], strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
     for batch in out.values():
         assert torch.allclose(batch.degraded * 255, torch.round(batch.degraded * 255), atol=1e-4)

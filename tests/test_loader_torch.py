@@ -75,7 +75,7 @@ def test_batches_have_the_documented_form(shards):
         assert batch.degraded.shape == batch.clean.shape == (2, 3, CROP, CROP)
         assert batch.z.shape == (2, 2) and batch.z.dtype == torch.float32
         assert torch.allclose(batch.degraded * 255, torch.round(batch.degraded * 255), atol=1e-4)
-        assert 0 <= batch.z.min() and batch.z.max() <= 1
+        assert batch.z.min() >= 0 and batch.z.max() <= 1
 
 
 def test_batch_is_exactly_the_reference_pipeline(shards):
@@ -105,8 +105,8 @@ def test_patches_come_from_their_samples(shards):
     loader = loader_for(shards)
     for epoch in range(2):
         keys = loader.epoch_keys(epoch)
-        for batch, batch_keys in zip(loader, keys):
-            for patch, key in zip(batch.clean, batch_keys):
+        for batch, batch_keys in zip(loader, keys, strict=True):
+            for patch, key in zip(batch.clean, batch_keys, strict=True):
                 blue = torch.round(patch[2] * 255)
                 assert (blue == 10 * (int(key[3:5]) + 1)).all()
                 # the patch is one of the 8 flips/rotations of some window of the image
@@ -124,7 +124,7 @@ def test_results_do_not_depend_on_worker_count(shards):
     a = [b.degraded for b in loader_for(shards, workers=0, seed=3)]
     b = [b.degraded for b in loader_for(shards, workers=2, seed=3)]
     assert len(a) == len(b) == 4
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_epochs_are_reshuffled_and_cover_the_set(shards):
@@ -168,7 +168,7 @@ def test_restored_loader_continues_with_the_same_batches(shards, stop):
     tail = consume(resumed, 9 - stop)
     for got, want in zip(head + tail, reference, strict=True):
         assert got[0] == want[0]
-        assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:]))
+        assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:], strict=True))
 
 
 def test_state_from_another_setup_restarts_the_epoch(shards, caplog):
@@ -217,4 +217,4 @@ def test_stopping_after_the_last_batch_does_not_yield_an_empty_epoch(shards):
     got = [next(it).degraded for _ in range(len(loader))]
     got += [b.degraded for b in loader]
     assert loader.epoch == 2 and len(got) == 8
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -190,7 +190,7 @@ def test_resolve_prefers_the_named_generator(store, tmp_path):
     assert resolve_model_uri(f"models:/cugan/{v}", uri, tmp_path / "d1").name == "gan"
     mse = resolve_model_uri(f"models:/cugan/{v}", uri, tmp_path / "d2", prefer="mse")
     assert mse.name == "mse"
-    with pytest.raises(RegistryError, match="2 generators.*none in a directory named 'other'"):
+    with pytest.raises(RegistryError, match=r"2 generators.*none in a directory named 'other'"):
         resolve_model_uri(f"models:/cugan/{v}", uri, tmp_path / "d3", prefer="other")
     assert not (tmp_path / "d3").exists()  # nothing half-downloaded left behind
 

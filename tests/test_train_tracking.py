@@ -11,10 +11,6 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import TrackingParams, parse_params
-from pipeline.train.loop import run_worker
-from pipeline.train.session import LocalSession
-from pipeline.train.testing import SyntheticData, TestHooks
-from pipeline.train.worker_config import WorkerConfig
 from pipeline.tracking import (
     RunLog,
     TrackingTarget,
@@ -24,6 +20,10 @@ from pipeline.tracking import (
     start_stage_run,
     write_tracking_file,
 )
+from pipeline.train.loop import run_worker
+from pipeline.train.session import LocalSession
+from pipeline.train.testing import SyntheticData, TestHooks
+from pipeline.train.worker_config import WorkerConfig
 
 
 @pytest.fixture

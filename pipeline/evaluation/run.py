@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -44,7 +44,7 @@ __all__ = [
 T = TypeVar("T")
 
 
-class Step(str, Enum):
+class Step(StrEnum):
     """The steps of an evaluation, in the order :func:`run_evaluation` runs them."""
 
     PLAN = "plan"  # the models asked for plus the baselines found (evaluate.baselines_*)
