@@ -507,3 +507,35 @@ def test_cluster_profile_applies_over_the_paper_profile(tmp_path):
     assert gpus == merged.ray.num_workers
     cpu_limit = float(groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert merged.ray.cpus_per_worker <= cpu_limit
+
+
+# ---------------------------------------------------------------------------------------------
+# the local stack's refusal to fall back
+
+
+def test_local_stack_refuses_to_start_without_postgresql(tmp_path, monkeypatch):
+    """No SQLite fallback: without PostgreSQL's binaries nothing starts, with one line saying so."""
+    from infra.local import cluster
+
+    monkeypatch.setenv("CUGAN_PG_BIN", str(tmp_path / "no-postgres-here"))
+    with pytest.raises(cluster.StackError, match="no postgres binary") as err:
+        cluster.start(tmp_path / "stack")
+    assert "\n" not in str(err.value) and "system-deps.sh" in str(err.value)
+    assert not (tmp_path / "stack").exists()  # refused before starting anything
+
+
+def test_local_stack_refuses_to_start_without_the_mlflow_driver(tmp_path, monkeypatch):
+    import importlib.util
+
+    from infra.local import cluster
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "psycopg2" else real(name, *args),
+    )
+    with pytest.raises(cluster.StackError, match="psycopg2") as err:
+        cluster.start(tmp_path / "stack", prefect=False)
+    assert "requirements.lock" in str(err.value)
+    assert not (tmp_path / "stack").exists()

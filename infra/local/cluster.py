@@ -110,6 +110,12 @@ _FOREIGN_ENV = (
 )
 
 
+_NO_POSTGRES = (
+    "PostgreSQL: no postgres binary in /usr/lib/postgresql/*/bin or on PATH "
+    "(infra/local/system-deps.sh installs it; CUGAN_PG_BIN points elsewhere)"
+)
+
+
 class StackError(RuntimeError):
     """A component did not start (one line: which, and the last line of its log)."""
 
@@ -288,7 +294,8 @@ def _base_env() -> dict[str, str]:
 def _pg_bin() -> Path | None:
     """The newest system PostgreSQL's bin directory ($CUGAN_PG_BIN overrides)."""
     if os.environ.get("CUGAN_PG_BIN"):
-        return Path(os.environ["CUGAN_PG_BIN"])
+        given = Path(os.environ["CUGAN_PG_BIN"])
+        return given if (given / "postgres").is_file() else None
     for candidate in sorted(
         glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True
     ):
@@ -341,10 +348,7 @@ def _pg_run_as() -> tuple[list[str], str, int | None, int | None]:
 def _start_postgres(stack: Stack, taken: set[int], timeout: float) -> None:
     bin_dir = _pg_bin()
     if bin_dir is None:
-        raise StackError(
-            "PostgreSQL: no postgres binary in /usr/lib/postgresql/*/bin or on PATH "
-            "(infra/local/system-deps.sh installs it; CUGAN_PG_BIN points elsewhere)"
-        )
+        raise StackError(_NO_POSTGRES)
     prefix, user, uid, gid = _pg_run_as()
     base = Path(stack.root) / "postgres"
     base.mkdir()
@@ -695,10 +699,7 @@ def _preflight(mlflow: bool, prefect: bool) -> None:
     if prefect:
         _require_driver("asyncpg", "asyncpg", "Prefect's server")
     if (mlflow or prefect) and _pg_bin() is None:
-        raise StackError(
-            "PostgreSQL: no postgres binary in /usr/lib/postgresql/*/bin or on PATH "
-            "(infra/local/system-deps.sh installs it; CUGAN_PG_BIN points elsewhere)"
-        )
+        raise StackError(_NO_POSTGRES)
 
 
 def start(
