@@ -14,6 +14,7 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	infra/local/system-deps.sh
 	touch $(STAMP)
 
 repro: venv

@@ -100,6 +100,15 @@ def test_ray_up_config_matches_rays_own_schema():
     assert _pinned(config["docker"]["image"])
     assert any("--head" in c for c in config["head_start_ray_commands"])
     assert any("$RAY_HEAD_IP" in c for c in config["worker_start_ray_commands"])
+    # token authentication: every container in token mode, the token file mounted on each node
+    env = dict(
+        o.split(None, 1)[1].split("=", 1)
+        for o in config["docker"]["run_options"]
+        if o.startswith("--env ")
+    )
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert env["RAY_AUTH_TOKEN_PATH"] in config["file_mounts"]
+    assert not config["file_mounts"][env["RAY_AUTH_TOKEN_PATH"]].startswith(".")  # not in the repo
     # a bad config is refused by the same check (the schema is really applied)
     broken = {**config, "available_node_types": {"head": {"resources": {}}}}
     with pytest.raises(jsonschema.ValidationError):
@@ -136,6 +145,8 @@ def _check_pod_template(template: dict, where: str, *, gpu: bool) -> dict:
 
 def _check_ray_cluster_spec(spec: dict, where: str) -> None:
     assert spec["rayVersion"] == "2.60.0", where
+    # token authentication on, the token generated and handed out by KubeRay (>= 1.5.1)
+    assert spec.get("authOptions") == {"mode": "token"}, f"{where}: no token authentication"
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict), where
     assert all(isinstance(v, str) for v in head["rayStartParams"].values()), (
@@ -205,10 +216,17 @@ def test_kuberay_prefect_worker_drives_the_cluster():
     cmd = main["command"]
     pools = {d["work_pool"]["name"] for d in _load(REPO / "prefect.yaml")["deployments"]}
     assert cmd[:3] == ["prefect", "worker", "start"] and cmd[cmd.index("--pool") + 1] in pools
-    env = {e["name"]: e["value"] for e in main["env"]}
-    assert env["PREFECT_API_URL"].endswith("/api")
+    env = {e["name"]: e for e in main["env"]}
+    assert env["PREFECT_API_URL"]["value"].endswith("/api")
     cluster = _load(KUBERAY / "raycluster.yaml")["metadata"]["name"]
-    assert env["RAY_ADDRESS"].startswith(f"{cluster}-head-svc.")  # KubeRay's head service name
+    # KubeRay's head service name
+    assert env["RAY_ADDRESS"]["value"].startswith(f"{cluster}-head-svc.")
+    # the cluster has token auth on: this driver reads the token KubeRay generated for it
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": cluster,
+        "key": "auth_token",
+    }
     assert main["volumeMounts"][0]["mountPath"] == "/mnt/cugan"
 
 
@@ -270,13 +288,49 @@ def test_compose_services_pinned_healthy_and_wired():
             assert str(port).startswith("127.0.0.1:"), f"{name}: {port} published beyond localhost"
 
     mlflow_cmd = " ".join(services["mlflow"]["command"])
-    assert "--serve-artifacts" in mlflow_cmd and "postgresql://" in mlflow_cmd
+    assert "--serve-artifacts" in mlflow_cmd and "postgresql+psycopg2://" in mlflow_cmd
     assert "s3://" in mlflow_cmd and services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"]
     assert services["prefect"]["image"].split(":")[1].startswith("3.8.8")
     assert (
         "postgresql+asyncpg://"
         in services["prefect"]["environment"]["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
     )
+
+
+#: Where PostgreSQL URIs are written for people and programs to use.
+URI_FILES = sorted(
+    [
+        *(p for p in INFRA.rglob("*") if p.is_file() and p.suffix not in {".pyc"}),
+        REPO / "docs" / "runbook.md",
+        REPO / "README.md",
+    ]
+)
+
+
+def test_every_postgresql_uri_names_its_driver():
+    """SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3 (not installed, and MLflow 3.17's
+    registry fails on it): MLflow's URIs name psycopg2, Prefect's asyncpg, everywhere."""
+    allowed = {"postgresql+psycopg2": "MLflow", "postgresql+asyncpg": "Prefect"}
+    found = {}
+    for path in URI_FILES:
+        if not path.is_file() or "__pycache__" in path.parts:
+            continue
+        text = path.read_text(errors="replace")
+        # a URI, not prose about one: user@host follows the scheme
+        for scheme in re.findall(r"\b(postgres(?:ql)?(?:\+\w+)?)://[^\s/@'\"`]*@", text):
+            found.setdefault(scheme, []).append(str(path.relative_to(REPO)))
+    assert found, "no PostgreSQL URI found at all"
+    stray = {k: v for k, v in found.items() if k not in allowed}
+    assert not stray, f"PostgreSQL URIs without the pinned driver: {stray}"
+    assert set(found) == set(allowed), found
+    # the local stack builds exactly these schemes, and the lock pins their drivers
+    from infra.local import cluster
+
+    assert {cluster.MLFLOW_DB_SCHEME, cluster.PREFECT_DB_SCHEME} == set(allowed)
+    lock = (REPO / "requirements.lock").read_text().splitlines()
+    assert "psycopg2-binary==2.9.13" in lock
+    assert any(line.startswith("asyncpg==") for line in lock)
+    assert not any(line.lower().startswith(("psycopg==", "psycopg-binary==")) for line in lock)
 
 
 def test_compose_work_pool_matches_prefect_yaml():
@@ -453,3 +507,35 @@ def test_cluster_profile_applies_over_the_paper_profile(tmp_path):
     assert gpus == merged.ray.num_workers
     cpu_limit = float(groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
     assert merged.ray.cpus_per_worker <= cpu_limit
+
+
+# ---------------------------------------------------------------------------------------------
+# the local stack's refusal to fall back
+
+
+def test_local_stack_refuses_to_start_without_postgresql(tmp_path, monkeypatch):
+    """No SQLite fallback: without PostgreSQL's binaries nothing starts, with one line saying so."""
+    from infra.local import cluster
+
+    monkeypatch.setenv("CUGAN_PG_BIN", str(tmp_path / "no-postgres-here"))
+    with pytest.raises(cluster.StackError, match="no postgres binary") as err:
+        cluster.start(tmp_path / "stack")
+    assert "\n" not in str(err.value) and "system-deps.sh" in str(err.value)
+    assert not (tmp_path / "stack").exists()  # refused before starting anything
+
+
+def test_local_stack_refuses_to_start_without_the_mlflow_driver(tmp_path, monkeypatch):
+    import importlib.util
+
+    from infra.local import cluster
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "psycopg2" else real(name, *args),
+    )
+    with pytest.raises(cluster.StackError, match="psycopg2") as err:
+        cluster.start(tmp_path / "stack", prefect=False)
+    assert "requirements.lock" in str(err.value)
+    assert not (tmp_path / "stack").exists()

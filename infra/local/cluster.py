@@ -4,24 +4,35 @@
 
 * a Ray **head** node and a Ray **worker** node: two ``ray start --block`` invocations with
   their own ``--temp-dir`` and ports, each advertising a label resource (``node_head`` /
-  ``node_worker``) so a test can tell them apart and prove where work ran;
+  ``node_worker``) so a test can tell them apart and prove where work ran. Token
+  authentication is ON, deliberately: ``up`` generates a fresh token for this stack
+  (``<dir>/ray-auth-token``, mode 0600) and hands it to every process of the cluster with
+  ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` (both nodes; drivers get the same two
+  exports from ``env.sh``). A driver without the token is refused;
 * **PostgreSQL** (the system's ``postgres``, in a fresh data directory on a free port, run as
-  an unprivileged user when we are root: PostgreSQL refuses to run as root);
-* an **MLflow** tracking server (``mlflow server --serve-artifacts``) with PostgreSQL as its
-  backend store when a PostgreSQL driver for SQLAlchemy (psycopg2 / psycopg / pg8000) is
-  importable, else SQLite, saying so; artifacts in a local directory proxied over HTTP;
-* a **Prefect** server with its own ``PREFECT_HOME``, PostgreSQL (asyncpg) as its database
-  when PostgreSQL is up, else SQLite, and the ``cugan-local`` process work pool of prefect.yaml.
+  an unprivileged user when we are root: PostgreSQL refuses to run as root), with one database
+  for MLflow and one for Prefect. It is not optional: there is no SQLite fallback. If it, or a
+  driver, is missing, ``up`` fails with one line saying what (``infra/local/system-deps.sh``
+  installs the packages);
+* an **MLflow** tracking server (``mlflow server --serve-artifacts``) whose backend store is
+  ``postgresql+psycopg2://`` (the driver named explicitly: SQLAlchemy 2.1 maps a bare
+  ``postgresql://`` to psycopg 3, which MLflow 3.17's store does not fully support:
+  docs/runbook.md), artifacts in a local directory proxied over HTTP;
+* a **Prefect** server with its own ``PREFECT_HOME`` on ``postgresql+asyncpg://`` (the only
+  PostgreSQL driver Prefect's server accepts), and the ``cugan-local`` process work pool of
+  prefect.yaml.
 
 ``down`` stops everything ``up`` started, by process group, and removes the directory. The
 state lives in ``<dir>/stack.json`` (pids, ports, URLs) and ``<dir>/env.sh`` (the exports a
-shell needs: ``RAY_ADDRESS``, ``RAY_AUTH_MODE``, ``MLFLOW_TRACKING_URI``, ``PREFECT_API_URL``).
+shell needs: ``RAY_ADDRESS``, ``RAY_AUTH_MODE``, ``RAY_AUTH_TOKEN_PATH``,
+``MLFLOW_TRACKING_URI``, ``PREFECT_API_URL``).
 
 MLflow, Prefect and PostgreSQL listen on 127.0.0.1 only. Ray does not: ``ray start`` turns a
 loopback ``--node-ip-address`` into the machine's routable address and binds its ports on all
 interfaces (ray._private.services.resolve_ip_for_localhost), so the Ray address printed is
-that address. Never stop a local cluster with ``ray stop``: it kills every Ray process of the
-machine, including other people's; ``down`` kills only its own process groups.
+that address -- one more reason for the token. Never stop a local cluster with ``ray stop``:
+it kills every Ray process of the machine, including other people's; ``down`` kills only its
+own process groups.
 
 Why not a network namespace per node: ``unshare -n`` gives a node an empty network with only
 its own loopback; joining the nodes needs a veth pair or a bridge with addresses and routes
@@ -32,6 +43,7 @@ node ids and per-node resources give Ray two real nodes without it.
     python infra/local/cluster.py up [--dir DIR]      # prints the env exports
     python infra/local/cluster.py down [--dir DIR]
     python infra/local/cluster.py status [--dir DIR]
+    python infra/local/cluster.py psql mlflow|prefect "SQL" [--dir DIR]
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -57,7 +70,18 @@ from typing import Any
 from urllib.error import URLError
 from urllib.request import urlopen
 
-__all__ = ["DEFAULT_DIR", "Stack", "StackError", "free_port", "load", "start", "stop"]
+__all__ = [
+    "DEFAULT_DIR",
+    "MLFLOW_DB_SCHEME",
+    "PREFECT_DB_SCHEME",
+    "Stack",
+    "StackError",
+    "free_port",
+    "load",
+    "psql",
+    "start",
+    "stop",
+]
 
 log = logging.getLogger("infra.local")
 
@@ -65,15 +89,31 @@ log = logging.getLogger("infra.local")
 DEFAULT_DIR = Path("/tmp/cugan-local")
 STATE_FILE = "stack.json"
 ENV_FILE = "env.sh"
+TOKEN_FILE = "ray-auth-token"
 WORK_POOL = "cugan-local"  # prefect.yaml's work pool
 PG_USER = "cugan"  # the database superuser initdb creates (trust auth on 127.0.0.1)
-#: Environment of both Ray nodes (and exported to clients by env.sh). Token authentication
-#: off, explicitly: left unset, a head started where ~/.ray/auth_token exists turns it on and a
-#: worker node (or a driver whose Ray config was read before) without the token is refused; a
-#: driver in token mode still connects to a cluster without it. This throwaway stack serves
-#: this machine only; a real cluster turns token auth on (docs/runbook.md). No drain on
-#: SIGTERM: a throwaway node stops at once instead of waiting up to 30 s.
-RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+DATABASES = ("mlflow", "prefect")
+#: SQLAlchemy URI schemes, driver named: MLflow's synchronous store on psycopg2 (pinned in
+#: requirements.lock), Prefect's async server on asyncpg (its only PostgreSQL driver).
+MLFLOW_DB_SCHEME = "postgresql+psycopg2"
+PREFECT_DB_SCHEME = "postgresql+asyncpg"
+#: Environment variables of the caller that must not leak into the stack's processes: another
+#: cluster's address or token would point them elsewhere (RAY_AUTH_TOKEN outranks the path).
+_FOREIGN_ENV = (
+    "RAY_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "MLFLOW_TRACKING_URI",
+    "PREFECT_API_URL",
+    "PREFECT_PROFILE",
+)
+
+
+_NO_POSTGRES = (
+    "PostgreSQL: no postgres binary in /usr/lib/postgresql/*/bin or on PATH "
+    "(infra/local/system-deps.sh installs it; CUGAN_PG_BIN points elsewhere)"
+)
 
 
 class StackError(RuntimeError):
@@ -92,25 +132,30 @@ class Stack:
     # name -> {"pid", "log"}; each pid leads its own process group (start_new_session)
     procs: dict[str, dict[str, Any]] = field(default_factory=dict)
     ray_address: str | None = None
+    ray_auth_token_path: str | None = None  # the cluster's token (RAY_AUTH_MODE=token)
     # "head" / "worker" -> {"temp_dir", "num_cpus", "resources", "ports"}
     ray_nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     postgres: dict[str, Any] | None = None
     mlflow_uri: str | None = None
-    mlflow_backend: str | None = None  # "postgresql" | "sqlite"
+    mlflow_backend_store: str | None = None  # postgresql+psycopg2://...
     prefect_api_url: str | None = None
     prefect_home: str | None = None
-    prefect_database: str | None = None  # "postgresql" | "sqlite"
+    prefect_database: str | None = None  # postgresql+asyncpg://...
     work_pool: str | None = None
-    # component -> why it is not there (only with strict=False); notes: fallbacks taken
-    errors: dict[str, str] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+
+    def ray_env(self) -> dict[str, str]:
+        """What every process of the Ray cluster -- nodes and drivers -- needs: token auth on,
+        with this stack's token."""
+        if not self.ray_auth_token_path:
+            return {}
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.ray_auth_token_path}
 
     def env(self) -> dict[str, str]:
         """The environment a client of this stack needs."""
         out = {}
         if self.ray_address:
             out["RAY_ADDRESS"] = self.ray_address
-            out["RAY_AUTH_MODE"] = RAY_ENV["RAY_AUTH_MODE"]
+            out.update(self.ray_env())
         if self.mlflow_uri:
             out["MLFLOW_TRACKING_URI"] = self.mlflow_uri
         if self.prefect_api_url:
@@ -237,7 +282,7 @@ def _log_has(path: str, text: str) -> bool:
 
 def _base_env() -> dict[str, str]:
     env = dict(os.environ)
-    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_PROFILE"):
+    for key in _FOREIGN_ENV:
         env.pop(key, None)
     return env
 
@@ -249,14 +294,16 @@ def _base_env() -> dict[str, str]:
 def _pg_bin() -> Path | None:
     """The newest system PostgreSQL's bin directory ($CUGAN_PG_BIN overrides)."""
     if os.environ.get("CUGAN_PG_BIN"):
-        return Path(os.environ["CUGAN_PG_BIN"])
+        given = Path(os.environ["CUGAN_PG_BIN"])
+        return given if (given / "postgres").is_file() else None
     for candidate in sorted(
         glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True
     ):
         if (Path(candidate) / "postgres").is_file():
             return Path(candidate)
     found = shutil.which("postgres")
-    return Path(found).parent if found else None
+    # resolved: a /usr/local/bin/postgres symlink's directory has no createdb/psql
+    return Path(found).resolve().parent if found else None
 
 
 def _pg_run_as() -> tuple[list[str], str, int | None, int | None]:
@@ -301,7 +348,7 @@ def _pg_run_as() -> tuple[list[str], str, int | None, int | None]:
 def _start_postgres(stack: Stack, taken: set[int], timeout: float) -> None:
     bin_dir = _pg_bin()
     if bin_dir is None:
-        raise StackError("PostgreSQL: no postgres binary (/usr/lib/postgresql/*/bin or PATH)")
+        raise StackError(_NO_POSTGRES)
     prefix, user, uid, gid = _pg_run_as()
     base = Path(stack.root) / "postgres"
     base.mkdir()
@@ -360,7 +407,7 @@ def _start_postgres(stack: Stack, taken: set[int], timeout: float) -> None:
         log_path,
         timeout,
     )
-    for db in ("mlflow", "prefect"):
+    for db in DATABASES:
         done = subprocess.run(
             [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, db],
             capture_output=True,
@@ -376,25 +423,80 @@ def _start_postgres(stack: Stack, taken: set[int], timeout: float) -> None:
         "bin": str(bin_dir),
         "data": str(data),
         "run_as": user,
-        "databases": ["mlflow", "prefect"],
+        "databases": list(DATABASES),
     }
     stack.save()
 
 
-def _sqlalchemy_pg_driver() -> str | None:
-    """The URI scheme MLflow's (synchronous) SQLAlchemy store can use, if a driver is installed."""
-    for module, scheme in (
-        ("psycopg2", "postgresql"),
-        ("psycopg", "postgresql+psycopg"),
-        ("pg8000", "postgresql+pg8000"),
-    ):
-        if importlib.util.find_spec(module) is not None:
-            return scheme
-    return None
+def _require_driver(module: str, package: str, who: str) -> None:
+    """Fail with one line when the server's Python lacks its PostgreSQL driver (no fallback)."""
+    if importlib.util.find_spec(module) is None:
+        raise StackError(
+            f"{who} needs the PostgreSQL driver {module} ({package}, pinned in requirements.lock), "
+            f"which {sys.executable} does not have: make venv, or pip install -r requirements.lock"
+        )
+
+
+def _database_uri(stack: Stack, scheme: str, database: str) -> str:
+    if stack.postgres is None:
+        raise StackError("PostgreSQL is not running")
+    return f"{scheme}://{PG_USER}@127.0.0.1:{stack.postgres['port']}/{database}"
+
+
+def psql(stack: Stack, database: str, sql: str, *, timeout: float = 30.0) -> list[list[str]]:
+    """Rows of ``sql`` run by ``psql`` in one of the stack's databases (fields split on ``|``).
+
+    The proof that a server really keeps its state in PostgreSQL: read its tables directly.
+    """
+    if stack.postgres is None:
+        raise StackError("PostgreSQL is not running in this stack")
+    done = subprocess.run(
+        [
+            str(Path(stack.postgres["bin"]) / "psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(stack.postgres["port"]),
+            "-U",
+            stack.postgres["user"],
+            "-d",
+            database,
+            "-X",  # no ~/.psqlrc
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise StackError(f"psql {database}: {done.stderr.strip() or done.returncode}")
+    return [line.split("|") for line in done.stdout.splitlines() if line]
 
 
 # ---------------------------------------------------------------------------------------------
 # Ray
+
+
+def _write_token(stack: Stack) -> None:
+    """A fresh token for this cluster only, readable by its owner only.
+
+    Not Ray's default ``~/.ray/auth_token``: that file is shared by every cluster of the user,
+    and its mere presence switches a later ``ray start --head`` to token mode. Same format as
+    ``ray get-auth-token --generate`` (256 random bits, hex).
+    """
+    path = Path(stack.root) / TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secrets.token_hex(32))
+    stack.ray_auth_token_path = str(path)
+    stack.save()
 
 
 def _ray_node(stack: Stack, role: str, taken: set[int], num_cpus: int) -> subprocess.Popen:
@@ -448,7 +550,9 @@ def _ray_node(stack: Stack, role: str, taken: set[int], num_cpus: int) -> subpro
         "ports": ports,
     }
     env = _base_env()
-    env.update(RAY_ENV)
+    env.update(stack.ray_env())
+    # no drain on SIGTERM: a throwaway node stops at once instead of waiting up to 30 s
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     # Ray's own processes that look for "the" cluster (e.g. Train's PlacementGroupCleaner) read
     # RAY_ADDRESS first; without it they grep ps and fail when another cluster runs here.
     env["RAY_ADDRESS"] = f"127.0.0.1:{ports['port']}" if role == "head" else str(stack.ray_address)
@@ -459,6 +563,7 @@ def _start_ray(
     stack: Stack, taken: set[int], num_cpus: int, timeout: float
 ) -> tuple[subprocess.Popen, Any]:
     """Start the head; return it and a function that starts the worker once the head is up."""
+    _write_token(stack)
     head = _ray_node(stack, "head", taken, num_cpus)
     head_log = stack.procs["ray-head"]["log"]
     address_file = Path(stack.ray_nodes["head"]["temp_dir"]) / "ray_current_cluster"
@@ -485,21 +590,8 @@ def _start_ray(
 def _start_mlflow(stack: Stack, taken: set[int]) -> subprocess.Popen:
     base = Path(stack.root) / "mlflow"
     (base / "artifacts").mkdir(parents=True)
-    scheme = _sqlalchemy_pg_driver()
-    if stack.postgres and scheme:
-        backend = f"{scheme}://{PG_USER}@127.0.0.1:{stack.postgres['port']}/mlflow"
-        stack.mlflow_backend = "postgresql"
-    else:
-        backend = f"sqlite:///{base / 'mlflow.db'}"
-        stack.mlflow_backend = "sqlite"
-        why = (
-            "PostgreSQL is not running"
-            if not stack.postgres
-            else "no PostgreSQL driver for SQLAlchemy in this Python (psycopg2, psycopg or pg8000)"
-        )
-        note = f"MLflow backend store: SQLite, NOT PostgreSQL ({why})"
-        stack.notes.append(note)
-        log.warning("%s", note)
+    backend = _database_uri(stack, MLFLOW_DB_SCHEME, "mlflow")
+    stack.mlflow_backend_store = backend
     port = free_port(taken)
     stack.mlflow_uri = f"http://127.0.0.1:{port}"
     env = _base_env()
@@ -541,15 +633,8 @@ def _start_prefect(stack: Stack, taken: set[int]) -> tuple[subprocess.Popen, dic
             "PREFECT_SERVER_API_PORT": str(port),
         }
     )
-    if stack.postgres:
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = (
-            f"postgresql+asyncpg://{PG_USER}@127.0.0.1:{stack.postgres['port']}/prefect"
-        )
-        stack.prefect_database = "postgresql"
-    else:
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
-        stack.prefect_database = "sqlite"
-        stack.notes.append("Prefect database: SQLite, NOT PostgreSQL (PostgreSQL is not running)")
+    stack.prefect_database = _database_uri(stack, PREFECT_DB_SCHEME, "prefect")
+    env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = stack.prefect_database
     stack.prefect_home = str(home)
     stack.prefect_api_url = f"http://127.0.0.1:{port}/api"
     proc = _spawn(
@@ -607,24 +692,33 @@ def _create_work_pool(stack: Stack, client_env: dict[str, str], name: str, timeo
 # start / stop
 
 
+def _preflight(mlflow: bool, prefect: bool) -> None:
+    """Everything the stack needs that can be checked in a second, before anything starts."""
+    if mlflow:
+        _require_driver("psycopg2", "psycopg2-binary", "MLflow's backend store")
+    if prefect:
+        _require_driver("asyncpg", "asyncpg", "Prefect's server")
+    if (mlflow or prefect) and _pg_bin() is None:
+        raise StackError(_NO_POSTGRES)
+
+
 def start(
     root: str | os.PathLike[str] | None = None,
     *,
     num_cpus: int = 1,
-    postgres: bool = True,
     mlflow: bool = True,
     prefect: bool = True,
     work_pool: str | None = WORK_POOL,
-    strict: bool = True,
     timeout: float = 120.0,
 ) -> Stack:
     """Start the stack in ``root`` (a new directory under /tmp when None); returns its state.
 
     ``num_cpus`` per Ray node: with 1, a 2-worker job with 1 CPU each must put one worker on
-    each node. With ``strict=False`` a failing PostgreSQL, MLflow or Prefect is recorded in
-    ``Stack.errors`` and the rest goes on (Ray failing always raises). On any exception
-    everything started so far is stopped before it propagates.
+    each node. PostgreSQL starts whenever MLflow or Prefect does: they have no other store.
+    Any component that does not come up raises StackError (one line: which, and why); everything
+    started so far is stopped before it propagates, and the logs stay in ``root``.
     """
+    _preflight(mlflow, prefect)
     if root is None:
         root = tempfile.mkdtemp(prefix="cugan-stack-", dir="/tmp")
     else:
@@ -640,16 +734,8 @@ def start(
     taken: set[int] = set()
     try:
         _head, then_worker = _start_ray(stack, taken, num_cpus, timeout)
-        if postgres:
-            try:
-                _start_postgres(stack, taken, timeout)
-            except StackError as err:
-                if strict:
-                    raise
-                stack.errors["postgres"] = str(err)
-                stack.notes.append(
-                    f"PostgreSQL did not start ({err}); MLflow and Prefect use SQLite"
-                )
+        if mlflow or prefect:
+            _start_postgres(stack, taken, timeout)
         waits = []
         if mlflow:
             waits.append(
@@ -673,24 +759,12 @@ def start(
             timeout,
         )
         for name, proc, ready in waits:
-            try:
-                _wait(name, proc, ready, stack.procs[name]["log"], timeout)
-            except StackError as err:
-                if strict:
-                    raise
-                stack.errors[name] = str(err)
-                _stop_proc(name, stack.procs[name])
-                if name == "mlflow":
-                    stack.mlflow_uri = None
-                else:
-                    stack.prefect_api_url = None
-        if prefect and work_pool and stack.prefect_api_url:
+            _wait(name, proc, ready, stack.procs[name]["log"], timeout)
+        if prefect and work_pool:
             try:
                 _create_work_pool(stack, client_env or {}, work_pool, timeout)
-            except (StackError, subprocess.TimeoutExpired) as err:
-                if strict:
-                    raise StackError(str(err)) from None
-                stack.errors["work_pool"] = str(err)
+            except subprocess.TimeoutExpired as err:
+                raise StackError(f"prefect work-pool create {work_pool}: {err}") from None
         stack.save()
     except BaseException:
         stop(stack.root, keep=True)  # logs kept in root for a post-mortem
@@ -808,20 +882,20 @@ def _summary(stack: Stack) -> str:
             f"  ray {role}: {node['num_cpus']} CPU, resources {node['resources']}, "
             f"temp dir {node['temp_dir']}"
         )
-    lines.append(f"  ray address: {stack.ray_address}")
+    lines.append(
+        f"  ray address: {stack.ray_address} (token auth, token {stack.ray_auth_token_path})"
+    )
     if stack.postgres:
         lines.append(
             f"  postgresql: 127.0.0.1:{stack.postgres['port']} (run as {stack.postgres['run_as']})"
         )
     if stack.mlflow_uri:
-        lines.append(f"  mlflow: {stack.mlflow_uri} (backend store: {stack.mlflow_backend})")
+        lines.append(f"  mlflow: {stack.mlflow_uri} (backend store {stack.mlflow_backend_store})")
     if stack.prefect_api_url:
         lines.append(
-            f"  prefect: {stack.prefect_api_url} (database: {stack.prefect_database}, "
-            f"work pool: {stack.work_pool})"
+            f"  prefect: {stack.prefect_api_url} (database {stack.prefect_database}, "
+            f"work pool {stack.work_pool})"
         )
-    lines += [f"  NOTE: {n}" for n in stack.notes]
-    lines += [f"  ERROR {k}: {v}" for k, v in stack.errors.items()]
     lines.append(f"  logs: {stack.root}/logs/;  env: source {stack.root}/{ENV_FILE}")
     return "\n".join(lines)
 
@@ -834,13 +908,16 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the stack; print how to reach it")
     up.add_argument("--dir", default=str(DEFAULT_DIR))
     up.add_argument("--num-cpus", type=int, default=1, help="CPUs advertised by each Ray node")
-    up.add_argument("--no-postgres", action="store_true", help="MLflow and Prefect on SQLite")
     up.add_argument("--no-mlflow", action="store_true")
     up.add_argument("--no-prefect", action="store_true")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds each component may take")
     for name in ("down", "status"):
         p = sub.add_parser(name)
         p.add_argument("--dir", default=str(DEFAULT_DIR))
+    q = sub.add_parser("psql", help="run one SQL statement in the stack's mlflow/prefect database")
+    q.add_argument("database", choices=DATABASES)
+    q.add_argument("sql")
+    q.add_argument("--dir", default=str(DEFAULT_DIR))
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
@@ -850,7 +927,6 @@ def main(argv: list[str] | None = None) -> int:
             stack = start(
                 args.dir,
                 num_cpus=args.num_cpus,
-                postgres=not args.no_postgres,
                 mlflow=not args.no_mlflow,
                 prefect=not args.no_prefect,
                 timeout=args.timeout,
@@ -861,6 +937,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "down":
             stop(args.dir)
             print(f"stopped the local stack in {args.dir}")
+        elif args.command == "psql":
+            for row in psql(load(args.dir), args.database, args.sql):
+                print("|".join(row))
         else:
             stack = load(args.dir)
             print(_summary(stack))

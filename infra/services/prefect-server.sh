@@ -3,6 +3,7 @@
 # existing PostgreSQL database, and the `cugan-local` process work pool of prefect.yaml.
 #
 #   export PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://cugan:<password>@db.internal:5432/prefect
+#   (the driver named: asyncpg is the only PostgreSQL driver Prefect's server accepts)
 #   infra/services/prefect-server.sh            # API + UI on 0.0.0.0:4200, runs in the foreground
 #
 # Then, where the flows run (the repository checkout, its .venv active):
