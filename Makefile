@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv repro test test-fast bench clean-venv
+.PHONY: venv system-deps repro test test-fast bench clean-venv
 
 venv: $(STAMP)
 
@@ -14,7 +14,6 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	infra/local/system-deps.sh
 	touch $(STAMP)
 
 repro: venv
@@ -29,8 +28,12 @@ PYTEST        := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 RUFF          := $(VENV)/bin/ruff
 
+# System packages only the tests need (PostgreSQL for the local stack); `make repro` does not.
+system-deps:
+	infra/local/system-deps.sh
+
 # Lint and format drift fail the test command first (ruff's settings: pyproject.toml).
-test: venv
+test: venv system-deps
 	$(RUFF) check .
 	$(RUFF) format --check .
 	$(PYTEST) $(addprefix --ignore=,$(TESTS_RAY) $(TESTS_CLUSTER))

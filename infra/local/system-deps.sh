@@ -2,14 +2,14 @@
 # System packages the local stack (infra/local/cluster.py, tests/test_infra_local.py) needs
 # besides the Python lock: PostgreSQL's server and client programs (postgres, initdb,
 # createdb, psql) and util-linux's setpriv (PostgreSQL refuses to run as root; as root the
-# stack runs it as the `postgres` user the Debian package creates). `make venv` calls this.
+# stack runs it as the `postgres` user the Debian package creates). `make test` calls this.
 #
 #   infra/local/system-deps.sh            # install what is missing (root + apt-get), else say what
 #   infra/local/system-deps.sh --check    # only check; exit 1 if something is missing
 #
 # As root on a Debian/Ubuntu machine (CI) it installs the distribution's `postgresql` and
 # `postgresql-client` packages with apt-get. Anywhere else it prints the one command to run and
-# exits 0, so that `make venv` still builds the Python environment; the local-stack test then
+# exits 0, so that `make test` still runs everything else; the local-stack test then
 # fails with the same message. Already installed elsewhere: CUGAN_PG_BIN=<its bin directory>.
 set -euo pipefail
 
