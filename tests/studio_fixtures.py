@@ -43,12 +43,20 @@ def models(root: Path) -> dict[str, Path]:
 
 
 def photo(path: Path, height: int = 96, width: int = 128) -> Path:
-    """A crop of a bundled sample photo, blurred and noisy as the method degrades images."""
+    """A crop of a bundled sample photo (451x300), blurred and noisy as the method degrades
+    images."""
     full = read_rgb8(sample_photos()["chelsea.png"]).array
+    assert height <= full.shape[0] and width <= full.shape[1], "crop larger than the photo"
     top, left = (full.shape[0] - height) // 2, (full.shape[1] - width) // 2
     clean = np.ascontiguousarray(full[top : top + height, left : left + width])
     noisy = degrade(to_tensor(clean), 1.5, 12.0, generator=torch.Generator().manual_seed(0))
     return write_png(path, to_uint8(noisy))
+
+
+def random_photo(path: Path, height: int, width: int) -> Path:
+    """Uniform noise of any size (the sample photos are at most 872x1000)."""
+    rng = np.random.default_rng(height * width)
+    return write_png(path, rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def not_an_image(path: Path) -> Path:

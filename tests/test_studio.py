@@ -317,7 +317,7 @@ def test_painted_region_runs_the_z_map(pair, photo, tmp_path: Path) -> None:
 def test_bad_uploads_are_one_line_in_the_page(pair, tmp_path: Path, make, words: str) -> None:
     studio = Studio(pair, max_pixels=48 * 48)
     out = studio.load(str(make(tmp_path / "bad.png")))
-    status = out[-1]
+    status = out[-2]
     assert out[1] is False and status.startswith("**Error:** ") and words in status
     assert "\n" not in status
     with pytest.raises(gr.Error, match=words):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 from pipeline.imageio import DEFAULT_MAX_PIXELS
 from pipeline.studio.session import ModelSession, ModelSpec
@@ -94,11 +95,20 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.studio.ui import Studio, launch  # Gradio: only when a server starts
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's start-up self-checks
+    # SIGTERM (``kill``, a service manager) stops the server like Ctrl-C: Gradio's wait loop
+    # closes it on KeyboardInterrupt, and the result files are removed below.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     studio = Studio(session, max_pixels=args.max_pixels)
     try:
-        log.info("studio: %s", session.describe())
         log.info("studio: serving on http://%s:%d (Ctrl-C stops it)", args.host, args.port)
         launch(studio, host=args.host, port=args.port, block=True)
     finally:
         studio.close()
+        signal.signal(signal.SIGTERM, previous)
+    log.info("studio: stopped")
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -77,13 +77,16 @@ REGION_HELP = (
 )
 
 
-def _message(err: BaseException) -> str:
-    return os_error_line(err) if isinstance(err, OSError) else one_line(err)
+def _message(err: BaseException, path: str | None = None, name: str | None = None) -> str:
+    """One line; an upload's server-side temporary path is shown as the name the user gave."""
+    text = os_error_line(err) if isinstance(err, OSError) else one_line(err)
+    return text.replace(path, name or Path(path).name) if path else text
 
 
-def _error(err: BaseException) -> str:
-    log.info("studio: %s", _message(err))
-    return f"**Error:** {_message(err)}"
+def _error(err: BaseException, path: str | None = None, name: str | None = None) -> str:
+    text = _message(err, path, name)
+    log.info("studio: %s", text)
+    return f"**Error:** {text}"
 
 
 @dataclass
@@ -102,23 +105,37 @@ class Studio:
     def __init__(self, session: ModelSession, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.session = session
         self.max_pixels = max_pixels
-        self.workdir = Path(tempfile.mkdtemp(prefix="cugan-studio-"))
+        self._workdir: Path | None = None
         self._swap = threading.Lock()
 
+    def _output_dir(self) -> Path:
+        """A fresh folder for one result (Gradio serves files from the temp directory)."""
+        with self._swap:
+            if self._workdir is None:
+                self._workdir = Path(tempfile.mkdtemp(prefix="cugan-studio-"))
+        folder = self._workdir / uuid.uuid4().hex
+        folder.mkdir()
+        return folder
+
     def close(self) -> None:
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        """Remove the result files written so far."""
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     # -- inputs -------------------------------------------------------------------------------
 
     def load(self, path: str | None, name: str | None = None):
-        """Read an upload or a sample: (state, ok, input view, editor, noise, cx, cy, status)."""
+        """Read an upload or a sample: (state, ok, input view, editor, noise, cx, cy, status,
+        uploader). The uploader is emptied, ready for the next file (the status names this one).
+        """
         skip = gr.skip()
         if not path:
-            return (skip, False, skip, skip, skip, skip, skip, skip)
+            return (skip, False, skip, skip, skip, skip, skip, skip, skip)
         try:
             image = read_image(path, max_pixels=self.max_pixels, name=name)
         except USER_ERRORS as err:
-            return (skip, False, skip, skip, skip, skip, skip, _error(err))
+            return (skip, False, skip, skip, skip, skip, skip, _error(err, path, name), None)
         estimate = estimate_noise(image.array, self.session.scale.noise_max)
         noise = gr.update(value=estimate, label=self._noise_label(estimate))
         editor = {"background": image.array, "layers": [], "composite": None}
@@ -136,6 +153,7 @@ class Studio:
             image.width // 2,
             image.height // 2,
             status,
+            None,
         )
 
     def load_sample(self, name: str | None):
@@ -266,8 +284,7 @@ class Studio:
                     (done, total), desc="restoring", unit="tiles"
                 ),
             )
-            folder = self.workdir / uuid.uuid4().hex
-            folder.mkdir()
+            folder = self._output_dir()
             result = write_png(folder / f"{image.path.stem}_restored.png", out)
             cond_path = None
             if zmap is not None:
@@ -303,7 +320,7 @@ class Studio:
                 float(alpha) if session.has_alpha and alpha is not None else None,
             )
         except USER_ERRORS as err:
-            raise gr.Error(_message(err)) from None
+            raise gr.Error(_message(err, image)) from None
 
     # -- models ------------------------------------------------------------------------------
 
@@ -406,7 +423,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                     buttons=["copy"],
                     elem_id="command",
                 )
-                download = gr.File(label="Result (PNG)", interactive=False, elem_id="download")
+                download = gr.File(
+                    label="Result (PNG)", interactive=False, height=90, elem_id="download"
+                )
             with gr.Column(scale=2):
                 compare = gr.ImageSlider(
                     label="Before / after",
@@ -475,7 +494,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         ui = {"api_visibility": "undocumented"}
         inputs = [image_state, blur, noise, alpha, cx, cy, size, use_region, editor, rblur, rnoise]
         shown = [compare, command, status]
-        loaded = [image_state, loaded_ok, view, editor, noise, cx, cy, status]
+        loaded = [image_state, loaded_ok, view, editor, noise, cx, cy, status, upload]
         upload.upload(studio.load, upload, loaded, **ui).then(
             studio.preview_after_load, [loaded_ok, *inputs], shown, **run
         )
