@@ -372,3 +372,42 @@ def test_studio_command_errors_are_one_line(capsys, argv: list[str], words: str)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cugan: error: ") and words in err and "\n" not in err
+
+
+def test_latency_benchmark_runs_through_the_studio(tmp_path: Path) -> None:
+    """Correctness of benchmarks/studio_latency.py on tiny sizes (its timings mean nothing here)."""
+    import importlib.util
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "studio_latency", root / "benchmarks" / "studio_latency.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "lat.json"
+    argv = [
+        "--configs",
+        "tiny",
+        "--preview",
+        "32",
+        "--full",
+        "48",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        str(out),
+    ]
+    assert bench.main(argv) == 0
+    row = json.loads(out.read_text())["configs"]["tiny"]
+    for key in (
+        "preview_ms",
+        "full_ms",
+        "alpha_blend_ms",
+        "alpha_cached_ms",
+        "preview_new_alpha_ms",
+    ):
+        assert row[key] > 0, key
+    assert row["path"] == "pipeline.inference.restore"
