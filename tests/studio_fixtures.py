@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
 
@@ -69,13 +70,17 @@ def sixteen_bit(path: Path) -> Path:
     return path
 
 
-def cli_restore(command: str, input_path: Path, output: Path) -> np.ndarray:
+def cli_restore(
+    command: str, input_path: Path, output: Path, cwd: Path | None = None
+) -> np.ndarray:
     """Run a studio "CLI command" through ``cugan``'s own ``main``, with the input name
     replaced by the real file (an upload's name is what the user has locally) and the output
-    written to ``output``; returns the written pixels."""
+    written to ``output``, from ``cwd`` (where the server was started: model paths may be
+    relative to it); returns the written pixels."""
     argv = shlex.split(command)
     assert argv[:2] == ["cugan", "restore"], command
     argv = ["restore", str(input_path), str(output), *argv[4:], "-q"]
-    code = cli.main(argv)
+    with contextlib.chdir(cwd or Path.cwd()):
+        code = cli.main(argv)
     assert code == 0, f"cugan {' '.join(argv)} exited {code}"
     return read_rgb8(output).array

@@ -22,7 +22,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from gradio_client import Client, handle_file
 from PIL import Image
+from playwright.sync_api import expect, sync_playwright
 
 from pipeline.inference import restore
 from pipeline.studio.regions import estimate_noise, read_cond_map, read_image
@@ -53,9 +55,6 @@ if not CHROMIUM.exists():
         "needs Debian's chromium at /usr/bin/chromium (`make browser-deps` installs it as root)"
     )
 
-from gradio_client import Client, handle_file  # noqa: E402 -- after the browser check
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
-
 
 # ---------------------------------------------------------------------------------------------
 # the server and the browser
@@ -65,6 +64,10 @@ from playwright.sync_api import expect, sync_playwright  # noqa: E402
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("studio")
     out = kit.models(root)
+    out["root"] = root  # the server's working directory: it names the pair as a user would
+    for role, run in (("mse", "train_cunet"), ("gan", "train_cugan")):
+        (root / "runs" / run).mkdir(parents=True)
+        out[role] = out[role].rename(root / "runs" / run / "model")
     out["photo"] = kit.photo(root / "photo.png")
     out["text"] = kit.not_an_image(root / "notes.png")
     out["g16"] = kit.sixteen_bit(root / "deep.png")
@@ -92,18 +95,18 @@ def server(files, tmp_path_factory: pytest.TempPathFactory):
         "pipeline.cli",
         "studio",
         "--mse-model",
-        str(files["mse"]),
+        "runs/train_cunet/model",
         "--gan-model",
-        str(files["gan"]),
+        "runs/train_cugan/model",
         "--port",
         str(port),
-        "--device",
-        "cpu",
         "--max-pixels",
         "140000",
     ]
     with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, cwd=files["root"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
     try:
@@ -232,9 +235,9 @@ def test_slider_changes_the_output_and_full_equals_cli(page, files, tmp_path) ->
     assert np.abs(moved.astype(int) - before.astype(int)).max() > 2  # the slider did something
     result, command = _full(page, tmp_path)
     assert f"--blur {blur:g}" in command and "--alpha 0.5" in command
-    np.testing.assert_array_equal(
-        result, kit.cli_restore(command, files["photo"], tmp_path / "c.png")
-    )
+    assert "--mse-model runs/train_cunet/model --gan-model runs/train_cugan/model" in command
+    reference = kit.cli_restore(command, files["photo"], tmp_path / "c.png", cwd=files["root"])
+    np.testing.assert_array_equal(result, reference)
 
 
 @pytest.mark.parametrize("end,model", [(0.0, "gan"), (1.0, "mse")])
@@ -243,7 +246,7 @@ def test_alpha_ends_are_the_two_models(page, files, tmp_path, end: float, model:
     alpha = _slide(page, "alpha", end + (0.01 if end == 0 else -0.01))
     assert alpha == end
     _wait_preview(page, f"alpha {alpha:g})")
-    result, command = _full(page, tmp_path)
+    result, _ = _full(page, tmp_path)
     blur = float(page.locator("#blur input[type=number]").input_value())
     noise = float(page.locator("#noise input[type=number]").input_value())
     argv = [
