@@ -48,6 +48,7 @@ Parameter count: the paper states 1.370M for CUnet; the authors' released config
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -373,11 +374,11 @@ class Generator(nn.Module):
         # down[s] enters scale s + 1 from scale s; up[s] leaves scale s + 1 back into scale s.
         self.down = nn.ModuleList(
             nn.Conv2d(c_in, c_out, k, stride=2, padding=(k - 2) // 2, device=device)
-            for c_in, c_out in zip(chans[:-1], chans[1:], strict=True)
+            for c_in, c_out in itertools.pairwise(chans)
         )
         self.up = nn.ModuleList(
             nn.ConvTranspose2d(c_out, c_in, 2, stride=2, device=device)
-            for c_in, c_out in zip(chans[:-1], chans[1:], strict=True)
+            for c_in, c_out in itertools.pairwise(chans)
         )
         self.left = _blocks(cfg, device)
         self.right = _blocks(cfg, device)

@@ -42,7 +42,6 @@ from models.generator import Generator, GeneratorConfig
 from pipeline.checkpoint import LoadedGenerator, load_checkpoint
 from pipeline.condition import ConditionScale
 from pipeline.degradation import to_tensor, to_uint8
-
 from pipeline.device import resolve_device
 
 __all__ = [

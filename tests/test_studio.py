@@ -113,7 +113,7 @@ def test_alpha_blends_in_memory_exactly_and_is_cached(ckpts, monkeypatch) -> Non
     mse, _ = load_generator(ckpts["mse"])
     gan, _ = load_generator(ckpts["gan"])
     monkeypatch.setattr(  # an alpha change must never read a checkpoint again
-        session_module, "load_checkpoint_for_inference", lambda *a, **k: pytest.fail("reload")
+        session_module, "load_model_for_inference", lambda *a, **k: pytest.fail("reload")
     )
     assert _same(session.generator(0.0), gan) and _same(session.generator(1.0), mse)
     mid = session.generator(0.3)
@@ -132,7 +132,7 @@ def test_single_model_ignores_alpha(ckpts) -> None:
 
 def test_pairs_must_match(ckpts, tmp_path: Path) -> None:
     other = kit.tiny_checkpoint(tmp_path / "s", 2, ConditionScale(blur_max=2.0, noise_max=50.0))
-    with pytest.raises(StudioError, match="different z scales"):
+    with pytest.raises(ValueError, match="different condition scales"):
         ModelSession(ModelSpec(mse_model=str(ckpts["mse"]), gan_model=str(other)))
 
 

@@ -1,22 +1,17 @@
 """The inference hooks the studio relies on (pipeline/inference.py): z maps in ``restore``,
-cropped with each tile; the progress callback; the default tiling; loading with the z scale."""
+cropped with each tile; the progress callback; the default tiling shared with the CLI."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from models.registry import build_generator
-from pipeline.checkpoint import save_generator
-from pipeline.condition import ConditionScale
 from pipeline.inference import (
     AUTO_TILE_MAX_PIXELS,
     AUTO_TILE_SIZE,
     auto_tile,
-    load_checkpoint_for_inference,
     receptive_field_radius,
     restore,
     validate_z_map,
@@ -110,20 +105,10 @@ def test_validate_z_map_layout_and_scale() -> None:
 
 
 def test_auto_tile_is_the_cli_default() -> None:
-    from pipeline import cli
+    from pipeline.cli import restore as restore_command
 
-    # The CLI keeps its own copies until it imports these (see the studio's merge note).
-    assert (cli.AUTO_TILE_MAX_PIXELS, cli.AUTO_TILE_SIZE) == (AUTO_TILE_MAX_PIXELS, AUTO_TILE_SIZE)
+    # One owner: the CLI's --tile auto and the studio read the same policy.
+    assert restore_command.AUTO_TILE_MAX_PIXELS is AUTO_TILE_MAX_PIXELS
+    assert restore_command.auto_tile is auto_tile
     assert auto_tile(1080, 1920) is None
     assert auto_tile(1024, 2048) is None and auto_tile(1024, 2049) == AUTO_TILE_SIZE
-
-
-def test_load_checkpoint_for_inference_gives_the_scale(tmp_path: Path) -> None:
-    model = build_generator("tiny", generator=torch.Generator().manual_seed(0))
-    scale = ConditionScale(blur_max=3.0, noise_max=60.0)
-    save_generator(tmp_path / "ck", model, metadata={"stage": "cunet"}, scale=scale)
-    loaded = load_checkpoint_for_inference(tmp_path / "ck")
-    assert loaded.scale == scale and not loaded.model.training
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
-    with pytest.raises(ValueError, match="registered model names are not supported yet"):
-        load_checkpoint_for_inference("models:/cunet/1")

@@ -194,7 +194,7 @@ def quantize_z(z: Any) -> tuple[int, ...]:
 
 def z_map(mask: np.ndarray, outside: tuple[int, ...], inside: tuple[int, ...]) -> np.ndarray:
     """uint8 H x W x D condition map: ``inside`` where ``mask``, ``outside`` elsewhere."""
-    out = np.empty(mask.shape + (len(outside),), dtype=np.uint8)
+    out = np.empty((*mask.shape, len(outside)), dtype=np.uint8)
     out[...] = np.asarray(outside, dtype=np.uint8)
     out[mask] = np.asarray(inside, dtype=np.uint8)
     return out

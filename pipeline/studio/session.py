@@ -29,9 +29,10 @@ from models.generator import Generator, GeneratorConfig
 from pipeline.condition import ConditionScale
 from pipeline.device import resolve_device
 from pipeline.inference import (
+    ModelArgumentNames,
     Progress,
     auto_tile,
-    load_checkpoint_for_inference,
+    load_model_for_inference,
     receptive_field_radius,
     restore,
 )
@@ -50,6 +51,12 @@ log = logging.getLogger(__name__)
 ALPHA_CACHE_SIZE = 8
 
 
+#: How the studio's messages name the model arguments (the page's fields, the command's flags).
+_NAMES = ModelArgumentNames(
+    model="--model", mse_model="--mse-model", gan_model="--gan-model", alpha="alpha"
+)
+
+
 class StudioError(ValueError):
     """Something the studio cannot do as asked; the message is one line for the page."""
 
@@ -57,10 +64,11 @@ class StudioError(ValueError):
 def resolve_model_spec(spec: str) -> str:
     """The one place where a model name given to the studio becomes something loadable.
 
-    Today a checkpoint directory or a ``.safetensors`` file, returned as given (the loader
-    checks it). Registry URIs (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) are refused
-    by the loader until ``pipeline.tracking.resolve_model_uri`` exists; supporting them is
-    then this function returning ``resolve_model_uri(spec)`` for such names.
+    Today a checkpoint directory or a ``.safetensors`` file, returned as given:
+    :func:`pipeline.inference.load_model_for_inference` checks it, and refuses registry URIs
+    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) with one line for now. When the loader
+    resolves them (``pipeline.tracking.resolve_model_uri``), the studio gets them with it; if
+    the studio should resolve them itself instead, that is one line here.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise StudioError("a model is a checkpoint directory or .safetensors file (got nothing)")
@@ -118,25 +126,21 @@ class ModelSession:
         self._blends: OrderedDict[float, Generator] = OrderedDict()
         self._cache_size = max(1, cache_size)
         if spec.is_pair:
-            mse = load_checkpoint_for_inference(resolve_model_spec(spec.mse_model))
-            gan = load_checkpoint_for_inference(resolve_model_spec(spec.gan_model))
-            if mse.model.config != gan.model.config:
-                raise StudioError(
-                    f"cannot blend {spec.mse_model} and {spec.gan_model}: their generator "
-                    "configs differ"
-                )
-            if mse.scale != gan.scale:
-                raise StudioError(
-                    f"cannot blend {spec.mse_model} and {spec.gan_model}: they were trained "
-                    f"with different z scales ({mse.scale.describe()} vs {gan.scale.describe()})"
-                )
-            self._mse, self._gan = mse.model, gan.model
-            self._single = None
-            self.scale: ConditionScale = mse.scale
+            # The loader checks that the pair can be blended (configs, z scales) and keeps the
+            # two loaded checkpoints: every later alpha is blended from them in memory.
+            loaded = load_model_for_inference(
+                mse_model=resolve_model_spec(spec.mse_model),
+                gan_model=resolve_model_spec(spec.gan_model),
+                alpha=1.0,
+                names=_NAMES,
+            )
+            mse, gan = loaded.parts
+            self._mse, self._gan, self._single = mse.model, gan.model, None
+            self._blends[1.0] = loaded.model
         else:
-            loaded = load_checkpoint_for_inference(resolve_model_spec(spec.model))
+            loaded = load_model_for_inference(resolve_model_spec(spec.model), names=_NAMES)
             self._single, self._mse, self._gan = loaded.model, None, None
-            self.scale = loaded.scale
+        self.scale: ConditionScale = loaded.scale
         log.info("studio model: %s (%s, %s)", spec.describe(), self.scale.describe(), self.device)
 
     # -- models -----------------------------------------------------------------------------
