@@ -13,6 +13,24 @@ s = 1..S (S = 3 in the paper) with C_s channels and n_s blocks on each side:
   broadcast over H and W.
 * MSF (modulated scale fusion): ``x_m' = x_m + w * up(F_{m+1}(x_m))``.
 
+Spatially varying condition (beyond the paper; the spatial modulation idea of SFT): z is a
+vector per image, ``[B, D]``, or a map at the input resolution, ``[B, D, H, W]``. The tuning
+weights are affine in z, so the same trained Linear layers of C_G, applied at every pixel of
+the map, give per-pixel weights ``[B, C, H_s, W_s]`` that the trunk multiplies element-wise
+instead of broadcasting one value per channel. At scale s (stride ``2**s``) the map is
+average-pooled by ``2**s`` (:func:`pool_condition`): each feature pixel takes the mean z of
+the input pixels it covers, which (the weights being affine) is the mean of their weights.
+The network was trained on constant z only; docs/studio-regions.md says what follows.
+
+Exactness: a map that holds the value of a vector z (everywhere, or inside a region) gives
+bit-for-bit the weights of the vector path there. The map is pooled in float64 (the mean of
+equal float32 values is then exactly that value), and C_G runs each *distinct* ``[B, D]``
+column of the pooled map through its Linear layers as its own ``[B, D]`` batch, the call the
+vector path makes (:class:`ConditionInput`). Running all pixels as one large batch would not
+do: BLAS kernels round a row differently depending on how many rows they are given. Maps with
+more than :data:`EXACT_MAP_VALUES` distinct values per scale (smooth gradients) go through as
+one batch, equal to the per-value result up to float32 rounding.
+
 Every tuning weight w comes from its own ``nn.Linear`` in :class:`GeneratorCondition` (C_G),
 which maps z to all of them at once; the trunk blocks receive their weight as an argument. With
 ``conditional=False`` (the Unet/UGAN baselines) there is no C_G and every tuning weight is the
@@ -30,6 +48,7 @@ Parameter count: the paper states 1.370M for CUnet; the authors' released config
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,17 +59,23 @@ from torch import Tensor, nn
 from models.init import authors_init_, torch_default_init_
 
 __all__ = [
+    "EXACT_MAP_VALUES",
+    "ConditionInput",
     "Generator",
     "GeneratorCondition",
     "GeneratorConfig",
     "ModulatedResidualBlock",
     "TuningWeights",
+    "pool_condition",
 ]
 
 #: The paper's generator has three scales; 1 and 2 are its ablations (CUGAN-1, CUGAN-2).
 MAX_SCALES = 3
 #: Scale of the kaiming-normal init, as in the authors' ``initialize_weights(..., 0.1)``.
 INIT_SCALE = 0.1
+#: A z map with at most this many distinct values per scale gets weights bit-identical to the
+#: vector path's for each value (one Linear call per value); more go through as one batch.
+EXACT_MAP_VALUES = 256
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -151,7 +176,8 @@ class GeneratorConfig:
 
 @dataclass(frozen=True)
 class TuningWeights:
-    """Every tuning weight of G for one batch, each [B, C] (or ``None`` = the constant 1).
+    """Every tuning weight of G for one batch (``None`` = the constant 1): each is ``[B, C]``
+    for a vector z, or ``[B, C, H_s, W_s]`` (the size of the features it scales) for a z map.
 
     ``left[s][i]`` / ``right[s][i]``: MRB i on the left / right of scale s (0-based);
     ``fusion[s]``: the MSF into the left features of scale s, from scale s + 1 (S - 1 entries);
@@ -171,10 +197,97 @@ class TuningWeights:
 
 
 def _modulate(feature: Tensor, weight: Tensor | None) -> Tensor:
-    """Per-channel scaling of [B, C, H, W] features by a [B, C] weight; None means weight 1."""
+    """Scale [B, C, H, W] features by a [B, C] weight (per channel) or a [B, C, H, W] weight
+    map (per pixel); None means weight 1."""
     if weight is None:
         return feature
-    return feature * weight[:, :, None, None]
+    if weight.dim() == 2:
+        return feature * weight[:, :, None, None]
+    return feature * weight
+
+
+def pool_condition(z: Tensor, factor: int) -> Tensor:
+    """A ``[B, D, H, W]`` z map average-pooled by ``factor`` (the stride of a scale).
+
+    Pooled in float64 and cast back, so that a region of equal values keeps that value bit for
+    bit (a float32 sum of 4 or 16 equal values can round; in float64 it cannot).
+    """
+    if factor == 1:
+        return z
+    return F.avg_pool2d(z.to(torch.float64), factor).to(z.dtype)
+
+
+@dataclass(frozen=True)
+class _ScaleMap:
+    """A pooled z map as one scale sees it: its distinct [B, D] columns and where each is."""
+
+    values: Tensor  # [U, B, D]
+    index: Tensor  # [H_s * W_s]: the column of each pixel, row-major
+    height: int
+    width: int
+
+
+class ConditionInput:
+    """z prepared once per forward pass; each site's tuning weight is computed when the trunk
+    asks for it (so that a z map never holds all its per-pixel weight maps at once).
+
+    ``left(s, i)`` / ``right(s, i)``: MRB i on the left / right of scale s; ``fusion(s)``: the
+    MSF into scale s; ``output()``: the global connection (the fields of :class:`TuningWeights`).
+    """
+
+    def __init__(self, condition: GeneratorCondition, z: Tensor) -> None:
+        self._c = condition
+        self._z = z
+        self._scales: list[_ScaleMap] = []
+        if z.dim() == 4:
+            b, d = z.shape[:2]
+            for s in range(len(condition.left)):
+                pooled = pool_condition(z, 2**s)
+                h, w = pooled.shape[-2:]
+                columns = pooled.permute(2, 3, 0, 1).reshape(h * w, b * d)
+                values, index = torch.unique(columns, dim=0, return_inverse=True)
+                self._scales.append(_ScaleMap(values.view(-1, b, d), index.view(-1), h, w))
+
+    def left(self, s: int, i: int) -> Tensor:
+        return self._weight(self._c.left[s][i], s)
+
+    def right(self, s: int, i: int) -> Tensor:
+        return self._weight(self._c.right[s][i], s)
+
+    def fusion(self, s: int) -> Tensor:
+        return self._weight(self._c.fusion[s], s)
+
+    def output(self) -> Tensor:
+        return self._weight(self._c.output, 0)
+
+    def _weight(self, linear: nn.Linear, scale: int) -> Tensor:
+        """``linear``'s weight at ``scale``: [B, C], or [B, C, H_s, W_s] for a z map."""
+        if not self._scales:
+            return linear(self._z)
+        m = self._scales[scale]
+        u, b, d = m.values.shape
+        if u <= EXACT_MAP_VALUES:
+            per_value = torch.stack([linear(v) for v in m.values])  # each the vector-path call
+        else:
+            per_value = linear(m.values.reshape(u * b, d)).view(u, b, -1)
+        dense = per_value[m.index].view(m.height, m.width, b, -1)
+        return dense.permute(2, 3, 0, 1).contiguous()  # NCHW, the layout of the features
+
+
+class _UnitWeights:
+    """The unconditional baseline's sites: every tuning weight is the constant 1 (``None``)."""
+
+    def left(self, s: int, i: int) -> None:
+        return None
+
+    def right(self, s: int, i: int) -> None:
+        return None
+
+    def fusion(self, s: int) -> None:
+        return None
+
+    def output(self) -> None:
+        return None
 
 
 class GeneratorCondition(nn.Module):
@@ -198,12 +311,20 @@ class GeneratorCondition(nn.Module):
         )
         self.output = nn.Linear(d, cfg.out_channels, device=device)
 
+    def prepare(self, z: Tensor) -> ConditionInput:
+        """z ``[B, D]`` or a z map ``[B, D, H, W]`` (H, W multiples of ``2**(S-1)``)."""
+        return ConditionInput(self, z)
+
     def forward(self, z: Tensor) -> TuningWeights:
+        """Every tuning weight at once (the generator's forward asks for them one by one)."""
+        c = self.prepare(z)
         return TuningWeights(
-            left=tuple(tuple(lin(z) for lin in scale) for scale in self.left),
-            right=tuple(tuple(lin(z) for lin in scale) for scale in self.right),
-            fusion=tuple(lin(z) for lin in self.fusion),
-            output=self.output(z),
+            left=tuple(tuple(c.left(s, i) for i in range(len(b))) for s, b in enumerate(self.left)),
+            right=tuple(
+                tuple(c.right(s, i) for i in range(len(b))) for s, b in enumerate(self.right)
+            ),
+            fusion=tuple(c.fusion(s) for s in range(len(self.fusion))),
+            output=c.output(),
         )
 
 
@@ -227,7 +348,8 @@ def _blocks(cfg: GeneratorConfig, device: torch.device | str | None) -> nn.Modul
 
 
 class Generator(nn.Module):
-    """G (+ C_G as ``self.condition``). ``forward(x, z)``: x [B, C, H, W] in [0, 1], z [B, D].
+    """G (+ C_G as ``self.condition``). ``forward(x, z)``: x [B, C, H, W] in [0, 1]; z [B, D],
+    or a z map [B, D, H, W] at the input's resolution (module docstring).
 
     H and W must be multiples of :attr:`size_multiple`. ``generator`` seeds the initialisation
     (the layers' default init still draws from the global RNG first, then is overwritten).
@@ -252,11 +374,11 @@ class Generator(nn.Module):
         # down[s] enters scale s + 1 from scale s; up[s] leaves scale s + 1 back into scale s.
         self.down = nn.ModuleList(
             nn.Conv2d(c_in, c_out, k, stride=2, padding=(k - 2) // 2, device=device)
-            for c_in, c_out in zip(chans[:-1], chans[1:], strict=True)
+            for c_in, c_out in itertools.pairwise(chans)
         )
         self.up = nn.ModuleList(
             nn.ConvTranspose2d(c_out, c_in, 2, stride=2, device=device)
-            for c_in, c_out in zip(chans[:-1], chans[1:], strict=True)
+            for c_in, c_out in itertools.pairwise(chans)
         )
         self.left = _blocks(cfg, device)
         self.right = _blocks(cfg, device)
@@ -299,14 +421,24 @@ class Generator(nn.Module):
             return
         if z is None:
             raise ValueError("this Generator is conditional: z [B, cond_dim] is required")
-        if z.dim() != 2 or z.shape[0] != x.shape[0] or z.shape[1] != cfg.cond_dim:
+        b, d, h, w = x.shape[0], cfg.cond_dim, x.shape[2], x.shape[3]
+        if z.dim() == 4:
+            if tuple(z.shape) != (b, d, h, w):
+                raise ValueError(
+                    f"Generator expects a z map of shape [{b}, {d}, {h}, {w}] (the input's "
+                    f"batch, cond_dim, H and W), got {list(z.shape)}"
+                )
+        elif z.dim() != 2 or z.shape[0] != b or z.shape[1] != d:
             raise ValueError(
-                f"Generator expects z of shape [{x.shape[0]}, {cfg.cond_dim}], got {list(z.shape)}"
+                f"Generator expects z of shape [{b}, {d}] or a z map [{b}, {d}, {h}, {w}], "
+                f"got {list(z.shape)}"
             )
+        if not z.is_floating_point():
+            raise ValueError(f"Generator expects a floating-point z, got {z.dtype}")
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         self._check_inputs(x, z)
-        w = self.tuning_weights(z)
+        w = self.condition.prepare(z) if self.condition is not None else _UnitWeights()
 
         # Encoder: the left features of every scale are kept for the scale fusions.
         skips: list[Tensor] = []
@@ -314,8 +446,8 @@ class Generator(nn.Module):
         for s, blocks in enumerate(self.left):
             if s > 0:
                 feat = self.down[s - 1](feat)
-            for block, ws in zip(blocks, w.left[s], strict=True):
-                feat = block(feat, ws)
+            for i, block in enumerate(blocks):
+                feat = block(feat, w.left(s, i))
             skips.append(feat)
 
         # Decoder, coarsest scale first: right blocks, then up-sample and fuse (MSF) into the
@@ -323,9 +455,9 @@ class Generator(nn.Module):
         feat = skips[-1]
         for s in reversed(range(self._cfg.num_scales)):
             if s < self._cfg.num_scales - 1:
-                feat = skips[s] + _modulate(self.up[s](feat), w.fusion[s])
-            for block, ws in zip(self.right[s], w.right[s], strict=True):
-                feat = block(feat, ws)
+                feat = skips[s] + _modulate(self.up[s](feat), w.fusion(s))
+            for i, block in enumerate(self.right[s]):
+                feat = block(feat, w.right(s, i))
 
         # Global modulated connection.
-        return x + _modulate(self.tail(feat), w.output)
+        return x + _modulate(self.tail(feat), w.output())

@@ -18,13 +18,18 @@ image. A core pixel's output then equals the untiled one exactly (up to float su
 whenever the margin covers the network's receptive field (:func:`receptive_field_radius`);
 smaller margins give small differences along the core boundaries, which in practice stay small
 because the effective receptive field is much narrower than the theoretical one.
+
+The condition is a vector z, or a z map (a condition per pixel, :func:`validate_z_map`): an
+``H x W x cond_dim`` array laid out like the image, either uint8 (``z = k / 255``, the form of a
+condition-map file) or floating in [0, 1]. The map is padded like the image and each tile gets
+the matching crop of it, so tiling a map behaves exactly as tiling the image.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,24 +42,32 @@ from models.generator import Generator, GeneratorConfig
 from pipeline.checkpoint import LoadedGenerator, load_checkpoint
 from pipeline.condition import ConditionScale
 from pipeline.degradation import to_tensor, to_uint8
-
 from pipeline.device import resolve_device
 
 __all__ = [
+    "AUTO_TILE_MAX_PIXELS",
+    "AUTO_TILE_SIZE",
     "InferenceError",
     "InferenceModel",
     "ModelArgumentNames",
+    "Progress",
+    "auto_tile",
     "load_model_for_inference",
     "receptive_field_radius",
     "restore",
     "tile_layout",
     "validate_z",
+    "validate_z_map",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Prefix of MLflow registered-model URIs (supported in a later issue).
 REGISTERED_MODEL_PREFIX = "models:/"
+
+
+#: ``progress(done, total)``: called after each piece (tile) of an image is restored.
+Progress = Callable[[int, int], None]
 
 
 class InferenceError(RuntimeError):
@@ -88,6 +101,47 @@ def validate_z(z: Tensor | np.ndarray | Sequence[float] | None, cond_dim: int) -
     return t.to(torch.float32)[None]
 
 
+def validate_z_map(zmap: Tensor | np.ndarray, cond_dim: int, height: int, width: int) -> Tensor:
+    """A z map ``H x W x cond_dim`` as a float32 ``[1, cond_dim, H, W]`` tensor, or ValueError.
+
+    uint8 maps hold ``z = k / 255`` (the same ``k / 255`` as :func:`to_tensor` for images), the
+    form of a condition-map file; floating maps hold z itself, finite and in [0, 1]. The map
+    must have the image's height and width.
+    """
+    if isinstance(zmap, Tensor):
+        zmap = zmap.detach().cpu().numpy()
+    if not isinstance(zmap, np.ndarray):
+        raise TypeError(f"a z map must be an array (got {type(zmap).__name__})")
+    want = (height, width, cond_dim)
+    if zmap.ndim != 3 or zmap.shape != want:
+        raise ValueError(
+            f"z map must have shape H x W x {cond_dim} = {height} x {width} x {cond_dim} "
+            f"(the image's size; got {' x '.join(map(str, zmap.shape))})"
+        )
+    t = torch.tensor(zmap).permute(2, 0, 1)[None]  # a copy: the map may be a read-only view
+    if zmap.dtype == np.uint8:
+        return t.to(torch.float32) / 255.0
+    if not np.issubdtype(zmap.dtype, np.floating):
+        raise ValueError(f"z map must be uint8 (k / 255) or floating in [0, 1] (got {zmap.dtype})")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("z map entries must be finite")
+    if bool((t < 0).any()) or bool((t > 1).any()):
+        lo, hi = float(t.min()), float(t.max())
+        raise ValueError(f"z map entries must lie in [0, 1] (got {lo:g} .. {hi:g})")
+    return t.to(torch.float32)
+
+
+def _condition(
+    z: Tensor | np.ndarray | Sequence[float] | None, cfg: GeneratorConfig, height: int, width: int
+) -> Tensor | None:
+    """z as the generator takes it: ``[1, D]``, a ``[1, D, H, W]`` map, or None (unconditional)."""
+    if not cfg.conditional and z is None:
+        return None
+    if isinstance(z, (np.ndarray, Tensor)) and z.ndim == 3:
+        return validate_z_map(z, cfg.cond_dim, height, width)
+    return validate_z(z, cfg.cond_dim)
+
+
 def _check_image(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray):
         raise TypeError(f"image must be a numpy array (got {type(image).__name__})")
@@ -116,6 +170,18 @@ def receptive_field_radius(cfg: GeneratorConfig) -> int:
             # the k x k stride-2 down conv entering scale s and the 2x2 up conv leaving it
             radius += (cfg.down_kernel - 1) * 2 ** (s - 1) + 2 ** (s - 1)
     return radius
+
+
+#: The default tiling (``cugan restore --tile auto``, the studio): images up to this many pixels
+#: run in one piece (a 1920x1080 frame is 2.07 MP; the authors' model keeps ~1 GB of float32
+#: activations per megapixel), larger ones in tiles of AUTO_TILE_SIZE.
+AUTO_TILE_MAX_PIXELS = 1 << 21
+AUTO_TILE_SIZE = 512
+
+
+def auto_tile(height: int, width: int) -> int | None:
+    """The default tile size for an image: None (one piece) up to AUTO_TILE_MAX_PIXELS."""
+    return AUTO_TILE_SIZE if height * width > AUTO_TILE_MAX_PIXELS else None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -153,6 +219,7 @@ def restore(
     tile: int | None = None,
     tile_overlap: int = 32,
     device: str | torch.device = "cpu",
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """Restore an 8-bit RGB image with ``model`` steered by ``z``; returns uint8 H x W x 3.
 
@@ -160,16 +227,19 @@ def restore(
         model: a :class:`~models.generator.Generator` (moved to ``device`` and put in eval
             mode: this mutates the module, as ``module.to`` does).
         image: ``uint8 H x W x 3``.
-        z: ``[cond_dim]`` or ``[1, cond_dim]`` in [0, 1]; may be None for an unconditional
-            model (the Unet baseline), which ignores it.
+        z: ``[cond_dim]`` or ``[1, cond_dim]`` in [0, 1]; or a z map ``H x W x cond_dim``
+            (uint8 ``k / 255`` or floating in [0, 1], :func:`validate_z_map`); may be None
+            for an unconditional model (the Unet baseline), which ignores it.
         tile: core size of square tiles in pixels; None (or a tile covering the image) runs
             the image in one piece.
         tile_overlap: margin of context around each core (see the module docstring).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"`` or a ``torch.device``.
+        progress: called as ``progress(done, total)`` after each tile (once when untiled).
     """
     _check_image(image)
     cfg = model.config
-    zt = validate_z(z, cfg.cond_dim) if (cfg.conditional or z is not None) else None
+    h, w = image.shape[:2]
+    zt = _condition(z, cfg, h, w)
     if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0):
         raise ValueError(f"tile must be a positive integer or None (got {tile!r})")
     if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0:
@@ -177,19 +247,22 @@ def restore(
     dev = resolve_device(device)
     model.to(dev).eval()
     dtype = next(model.parameters()).dtype
-    if zt is not None:
+    if zt is not None and zt.dim() == 2:
         zt = zt.to(device=dev, dtype=dtype)
 
-    h, w = image.shape[:2]
     m = model.size_multiple
     with torch.inference_mode():
         x = to_tensor(image)  # on the CPU; tiles move to the device one at a time
         x = _pad_to_multiple(x, m)
+        if zt is not None and zt.dim() == 4:
+            zt = _pad_to_multiple(zt, m)  # padded like the image, cropped with each tile
         hp, wp = x.shape[-2:]
         if tile is None or (tile >= hp and tile >= wp):
-            out = model(x.to(device=dev, dtype=dtype), zt).float().cpu()
+            out = model(x.to(device=dev, dtype=dtype), _to(zt, dev, dtype)).float().cpu()
+            if progress is not None:
+                progress(1, 1)
         else:
-            out = _run_tiled(model, x, zt, tile, tile_overlap, m, dev, dtype)
+            out = _run_tiled(model, x, zt, tile, tile_overlap, m, dev, dtype, progress)
         out = out[..., :h, :w]
         if not bool(torch.isfinite(out).all()):
             raise InferenceError("the model produced non-finite values (NaN or inf)")
@@ -205,6 +278,10 @@ def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, pw, 0, ph), mode="replicate")
 
 
+def _to(z: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    return None if z is None else z.to(device=device, dtype=dtype)
+
+
 def _run_tiled(
     model: Generator,
     x: Tensor,
@@ -214,6 +291,7 @@ def _run_tiled(
     multiple: int,
     device: torch.device,
     dtype: torch.dtype,
+    progress: Progress | None = None,
 ) -> Tensor:
     hp, wp = x.shape[-2:]
     rows = tile_layout(hp, tile, overlap, multiple)
@@ -222,13 +300,18 @@ def _run_tiled(
         "tiled inference: %d x %d tiles of %d px, overlap %d", len(rows), len(cols), tile, overlap
     )
     out = torch.empty(x.shape[0], model.config.out_channels, hp, wp, dtype=torch.float32)
+    done, total = 0, len(rows) * len(cols)
     for y0, y1, cy0, cy1 in rows:
         for x0, x1, cx0, cx1 in cols:
             piece = x[..., y0:y1, x0:x1].to(device=device, dtype=dtype)
-            result = model(piece, z)
+            z_piece = z if z is None or z.dim() == 2 else z[..., y0:y1, x0:x1]
+            result = model(piece, _to(z_piece, device, dtype))
             out[..., cy0:cy1, cx0:cx1] = (
                 result[..., cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0].float().cpu()
             )
+            done += 1
+            if progress is not None:
+                progress(done, total)
     return out
 
 

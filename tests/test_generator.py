@@ -308,7 +308,7 @@ def test_bad_inputs_rejected(x_shape: tuple, z_shape: tuple, match: str) -> None
 
 
 def test_missing_z_rejected_when_conditional() -> None:
-    with pytest.raises(ValueError, match="z .* is required"):
+    with pytest.raises(ValueError, match=r"z .* is required"):
         Generator(TINY)(torch.rand(1, 3, 8, 8), None)
 
 
@@ -339,3 +339,127 @@ def test_registry_names_and_errors() -> None:
     by_name = {(r["name"], r["kind"]): r for r in rows}
     assert by_name[("authors", "generator")]["parameters"] == 6_534_476
     assert all(isinstance(r["summary"], str) and r["summary"] for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# spatially varying condition: z as a map [B, D, H, W]
+
+
+def _constant_map(z: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return z[:, :, None, None].expand(-1, -1, h, w).contiguous()
+
+
+@pytest.mark.parametrize(
+    "blocks,channels",
+    [((2,), (8,)), ((1, 2), (4, 8)), ((1, 1, 1), (4, 8, 8))],
+    ids=["1-scale", "2-scale", "3-scale"],
+)
+def test_constant_map_equals_vector_path_bit_for_bit(
+    blocks: tuple[int, ...], channels: tuple[int, ...]
+) -> None:
+    model = _seeded(GeneratorConfig(blocks_per_scale=blocks, channels_per_scale=channels))
+    _randomise_condition(model)
+    x, z = _inputs(batch=2, size=16)
+    with torch.no_grad():
+        vector = model(x, z)
+        mapped = model(x, _constant_map(z, 16, 16))
+    assert (vector - x).abs().max() > 1e-3  # the condition does something
+    assert torch.equal(mapped, vector)
+
+
+def test_two_region_map_equals_vector_path_away_from_the_boundary() -> None:
+    from pipeline.inference import receptive_field_radius
+
+    model = _seeded(TINY)
+    _randomise_condition(model)
+    g = torch.Generator().manual_seed(4)
+    h, w, cut = 16, 160, 78  # a boundary off the 4-pixel grid of the coarsest scale
+    x = torch.rand(1, 3, h, w, generator=g)
+    za, zb = torch.tensor([[0.1, 0.9]]), torch.tensor([[0.8, 0.2]])
+    zmap = _constant_map(za, h, w)
+    zmap[..., cut:] = zb[:, :, None, None]
+    margin = receptive_field_radius(TINY) + TINY.size_multiple  # reach of a conv + of the pooling
+    with torch.no_grad():
+        out = model(x, zmap)
+        out_a, out_b = model(x, za), model(x, zb)
+    assert torch.equal(out[..., : cut - margin], out_a[..., : cut - margin])
+    assert torch.equal(out[..., cut + margin :], out_b[..., cut + margin :])
+    # Near the boundary the output is neither: each side sees the other's condition.
+    assert (out[..., cut - 2 : cut] - out_a[..., cut - 2 : cut]).abs().max() > 1e-4
+    assert (out[..., cut : cut + 2] - out_b[..., cut : cut + 2]).abs().max() > 1e-4
+
+
+def test_map_weights_are_the_per_pixel_linear_of_the_pooled_map() -> None:
+    """Each scale's weight map is C_G's Linear at every pixel of the map average-pooled by the
+    scale's stride; the mean of z is the mean of the weights (they are affine in z)."""
+    model = _seeded(TINY)
+    _randomise_condition(model)
+    g = torch.Generator().manual_seed(6)
+    zmap = torch.rand(2, 2, 8, 12, generator=g)  # 96 distinct values: the exact per-value path
+    w = model.tuning_weights(zmap)
+    for s, sites in enumerate(model.condition.left):
+        pooled = torch.nn.functional.avg_pool2d(zmap.double(), 2**s).float()
+        assert w.left[s][0].shape == (2, TINY.channels_per_scale[s], 8 >> s, 12 >> s)
+        expected = sites[0](pooled.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(w.left[s][0], expected, atol=1e-6, rtol=1e-6)
+        full = sites[0](zmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # weights at full res
+        torch.testing.assert_close(
+            w.left[s][0], torch.nn.functional.avg_pool2d(full, 2**s), atol=1e-5, rtol=1e-5
+        )
+    assert w.output.shape == (2, 3, 8, 12) and w.fusion[1].shape == (2, 8, 4, 6)
+
+
+def test_map_with_many_distinct_values_goes_through_as_one_batch() -> None:
+    from models.generator import EXACT_MAP_VALUES
+
+    model = _seeded(TINY)
+    _randomise_condition(model)
+    g = torch.Generator().manual_seed(8)
+    x = torch.rand(1, 3, 24, 24, generator=g)
+    zmap = torch.rand(1, 2, 24, 24, generator=g)  # 576 distinct values at full resolution
+    assert EXACT_MAP_VALUES < 24 * 24
+    w = model.tuning_weights(zmap)
+    expected = model.condition.output(zmap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(w.output, expected, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        out = model(x, zmap)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_pool_condition_keeps_constant_regions_exact() -> None:
+    from models.generator import pool_condition
+
+    value = torch.tensor(0.1, dtype=torch.float32)  # 4 * 0.1 rounds in float32
+    zmap = value.expand(1, 2, 8, 8).contiguous()
+    for factor in (1, 2, 4):
+        pooled = pool_condition(zmap, factor)
+        assert pooled.dtype == torch.float32 and pooled.shape[-1] == 8 // factor
+        assert torch.equal(pooled, value.expand_as(pooled))
+
+
+@pytest.mark.parametrize(
+    "z_shape,match",
+    [
+        ((1, 2, 8, 4), r"z map of shape \[1, 2, 8, 8\]"),
+        ((2, 2, 8, 8), r"z map of shape \[1, 2, 8, 8\]"),
+        ((1, 3, 8, 8), r"z map of shape \[1, 2, 8, 8\]"),
+        ((1, 2, 8), r"z of shape \[1, 2\] or a z map"),
+    ],
+)
+def test_bad_z_maps_rejected(z_shape: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Generator(TINY)(torch.rand(1, 3, 8, 8), torch.rand(z_shape))
+
+
+def test_integer_z_rejected() -> None:
+    with pytest.raises(ValueError, match="floating-point z"):
+        Generator(TINY)(torch.rand(1, 3, 8, 8), torch.ones(1, 2, dtype=torch.int64))
+
+
+def test_unconditional_ignores_a_z_map() -> None:
+    cfg = GeneratorConfig(
+        blocks_per_scale=(1, 1, 1), channels_per_scale=(4, 8, 8), conditional=False
+    )
+    model = _seeded(cfg)
+    x, _ = _inputs(batch=1, size=8)
+    assert torch.equal(model(x, torch.rand(1, 2, 8, 8)), model(x, None))

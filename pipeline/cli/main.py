@@ -17,11 +17,12 @@ from pipeline.config import ConfigError
 from pipeline.errors import one_line, os_error_line
 from pipeline.imageio import ImageError
 from pipeline.inference import InferenceError
+from pipeline.studio import command as studio
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The command modules, in the order ``cugan --help`` lists them; each has ``add_parser``.
-COMMANDS = (restore, degrade, official, configs)
+COMMANDS = (restore, degrade, official, configs, studio)
 
 
 def build_parser() -> argparse.ArgumentParser:

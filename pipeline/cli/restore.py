@@ -22,7 +22,10 @@ from pipeline.condition import DEFAULT_SCALE, ConditionScale
 from pipeline.device import resolve_device
 from pipeline.imageio import write_png
 from pipeline.inference import (
+    AUTO_TILE_MAX_PIXELS,
+    AUTO_TILE_SIZE,
     ModelArgumentNames,
+    auto_tile,
     load_model_for_inference,
     receptive_field_radius,
     restore,
@@ -31,11 +34,6 @@ from pipeline.inference import (
 __all__ = ["AUTO_TILE_MAX_PIXELS", "AUTO_TILE_SIZE", "MODEL_FLAGS", "add_parser", "run"]
 
 log = logging.getLogger("cugan")
-
-#: ``--tile auto`` runs images up to this many pixels in one piece (a 1920x1080 frame is 2.07 MP;
-#: the authors' model keeps ~1 GB of float32 activations per megapixel) and tiles larger ones.
-AUTO_TILE_MAX_PIXELS = 1 << 21
-AUTO_TILE_SIZE = 512
 
 #: The restore command's model flags, as the inference layer's messages name them.
 MODEL_FLAGS = ModelArgumentNames(
@@ -179,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
     tile = args.tile
     if tile == "auto":
-        tile = AUTO_TILE_SIZE if h * w > AUTO_TILE_MAX_PIXELS else 0
+        tile = auto_tile(h, w) or 0  # the default tiling, shared with the studio
     overlap = args.tile_overlap if args.tile_overlap is not None else receptive_field_radius(cfg)
     if tile:
         log.info("tiling: %d px tiles, %d px overlap", tile, overlap)
