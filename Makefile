@@ -9,12 +9,10 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock requirements-studio.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
-	# Gradio caps pillow/tomlkit below the stack's pins: installed as pinned, without its deps.
-	$(PY) -m pip install --quiet --no-deps -r requirements-studio.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

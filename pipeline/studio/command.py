@@ -1,4 +1,4 @@
-"""``cugan studio``: the subcommand's parser and entry point (registered by pipeline/cli.py).
+"""``cugan studio``: the subcommand's parser and entry point (registered in pipeline/cli/main.py).
 
 ``cugan studio --model M`` or ``cugan studio --mse-model A --gan-model B`` loads the model(s)
 first -- a model that does not load is the CLI's one-line error, before any server starts --
