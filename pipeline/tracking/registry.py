@@ -174,6 +174,7 @@ class ModelRegistry:
         dst: str | os.PathLike[str],
         *,
         prefer: str | None = None,
+        strict: bool = False,
     ) -> Path:
         """Download a version's artifacts into ``dst`` (replacing it whole, or leaving it as it
         was on failure) and return the generator checkpoint directory in them (a directory
@@ -181,7 +182,9 @@ class ModelRegistry:
 
         ``prefer`` picks the directory of that name (``mse`` / ``gan``: the kinds the training
         stages store) when there are several. Without it, the shallowest one is returned (for
-        a CUGAN model: ``gan``, the generator that stage trained).
+        a CUGAN model: ``gan``, the generator that stage trained). ``strict`` makes ``prefer``
+        a requirement: a version without a directory of that name is a :class:`RegistryError`
+        (the promotion rule scores exactly the kind it names, never a stand-in).
         """
         where = f"models:/{name}/{version}"
         with _registry_call(where, missing="version"):
@@ -201,6 +204,9 @@ class ModelRegistry:
             if not found:
                 raise RegistryError(f"{where}: no {GENERATOR_FILE} in its artifacts ({uri})")
             preferred = [p for p in found if prefer is not None and p.name == prefer]
+            if strict and not preferred:
+                held = ", ".join(sorted(p.name for p in found))
+                raise RegistryError(f"{where}: no {prefer!r} generator in its artifacts ({held})")
             if prefer is not None and not preferred and len(found) > 1:
                 raise RegistryError(
                     f"{where}: {len(found)} generators in its artifacts "
