@@ -6,8 +6,10 @@ pyfunc model wrapper, pipeline/train/pyfunc.py, which MLflow loads on its own).
   experiments (tagged ``mlflow.experimentKind=custom_model_development``), batched writes.
 * :mod:`~pipeline.tracking.runs` -- the training stages' parent/child runs and the
   ``tracking.json`` they leave beside a checkpoint; plain runs for evaluation and the sweep.
-* :mod:`~pipeline.tracking.fallback` -- :class:`RunLog`, which keeps training going on local
-  files when the server fails.
+* :mod:`~pipeline.tracking.journal` -- the files of a local fallback (records, runs.json, what
+  a sync replayed); :mod:`~pipeline.tracking.fallback` -- :class:`RunLog`, which keeps
+  training going on those files when the server fails; :mod:`~pipeline.tracking.sync` --
+  :func:`sync_run`, which replays them into the server once it is back.
 * :mod:`~pipeline.tracking.registry` -- registered versions, aliases, version tags, downloads,
   and :func:`resolve_model_uri` (``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``).
 
@@ -42,6 +44,7 @@ from pipeline.tracking.runs import (
     flatten_params,
     git_tags,
     log_to_run,
+    open_stage_run,
     read_tracking_file,
     recorded_run_id,
     start_stage_run,
@@ -51,14 +54,19 @@ from pipeline.tracking.store import (
     TRACKING_ERRORS,
     ensure_experiment,
     experiment_id,
+    limit_http_retries,
+    probe_server,
     resolve_tracking_uri,
 )
+from pipeline.tracking.sync import LOCAL_ID_TAG, ModelLogger, SyncError, SyncReport, sync_run
 
 __all__ = [
+    "LOCAL_ID_TAG",
     "PARENT_ENV",
     "TRACKING_ERRORS",
     "TRACKING_FILE",
     "MissingExperiment",
+    "ModelLogger",
     "ModelRegistry",
     "ModelUri",
     "NotRegistered",
@@ -66,6 +74,8 @@ __all__ = [
     "RegistryError",
     "RunLog",
     "RunStatus",
+    "SyncError",
+    "SyncReport",
     "TrackingTarget",
     "create_run",
     "dvc_lock_tags",
@@ -75,12 +85,16 @@ __all__ = [
     "flatten_params",
     "git_tags",
     "is_model_uri",
+    "limit_http_retries",
     "log_to_run",
+    "open_stage_run",
     "parse_model_uri",
+    "probe_server",
     "read_tracking_file",
     "recorded_run_id",
     "resolve_model_uri",
     "resolve_tracking_uri",
     "start_stage_run",
+    "sync_run",
     "write_tracking_file",
 ]
