@@ -51,6 +51,10 @@ class MlflowServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def start(self, timeout: float = 180.0) -> MlflowServer:
         env = dict(os.environ)
         env.pop("MLFLOW_TRACKING_URI", None)

@@ -27,7 +27,13 @@ from pipeline.errors import one_line
 from pipeline.imageio import write_png
 from pipeline.tracking.journal import ARTIFACTS_DIR, FALLBACK_DIR, JOURNAL_FILE, append_record
 from pipeline.tracking.runs import RunStatus, TrackingTarget
-from pipeline.tracking.store import TRACKING_ERRORS, send_batch, tracking_client
+from pipeline.tracking.store import (
+    TRACKING_ERRORS,
+    is_http,
+    quiet_retry_warnings,
+    send_batch,
+    tracking_client,
+)
 
 __all__ = ["RunLog"]
 
@@ -41,6 +47,8 @@ class RunLog:
         self.target = target
         self.mode = target.mode
         self._client = tracking_client(target.uri) if self.mode == "mlflow" else None
+        if self.mode == "mlflow" and is_http(target.uri):
+            quiet_retry_warnings()  # also in a Ray worker, where the stage's setup did not run
         if self.mode == "local" and target.fallback_dir is None:
             raise ValueError("local tracking needs a fallback_dir")
 

@@ -137,6 +137,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def add_local_run(directory: str | os.PathLike[str], local_id: str, data: dict[str, Any]) -> Path:
     """Record a run that has no MLflow run yet (``runs.json``, module docstring)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
     runs = read_local_runs(directory)
     runs[local_id] = {**data, "time": time.time()}
     return atomic_write_json(Path(directory) / RUNS_FILE, runs)

@@ -18,6 +18,7 @@ which inherit the ``MLFLOW_HTTP_REQUEST_*`` variables) to seconds.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,7 @@ __all__ = [
     "is_http",
     "limit_http_retries",
     "probe_server",
+    "quiet_retry_warnings",
     "resolve_tracking_uri",
     "send_batch",
     "tracking_client",
@@ -106,16 +108,24 @@ def limit_http_retries(params: TrackingParams, uri: str | None) -> dict[str, str
     ``params.http_max_retries`` retries a second or two apart, where the environment does not
     set ``MLFLOW_HTTP_REQUEST_*`` already (a person's choice wins). The variables live in
     ``os.environ`` because that is where MLflow reads them, at every request, and from where
-    the training driver hands them to its Ray workers. Returns the values in force; nothing
-    changes for a store that is not a server."""
+    the training driver hands them to its Ray workers. urllib3's warning at every retry is
+    silenced (the caller warns once, with the final error). Returns the values in force;
+    nothing changes for a store that is not a server."""
     if not is_http(uri):
         return {}
+    quiet_retry_warnings()
     wanted = {
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(params.http_timeout_s),
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(params.http_max_retries),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(_BACKOFF_FACTOR),
     }
     return {name: os.environ.setdefault(name, value) for name, value in wanted.items()}
+
+
+def quiet_retry_warnings() -> None:
+    """urllib3 warns at every retry of a request; the caller's one warning after the last (the
+    tracking fallback's) says all of it. For the processes that log to a server."""
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def _tls_verify() -> bool | str:
@@ -134,8 +144,10 @@ def probe_server(uri: str, timeout: float) -> str | None:
         return None
     try:
         answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, verify=_tls_verify())
+    except requests.Timeout:
+        return f"no answer within {timeout:g} s"
     except requests.RequestException as err:
-        return f"no answer within {timeout:g} s ({type(err).__name__}: {one_line(err, limit=200)})"
+        return f"unreachable ({type(err).__name__}: {one_line(err, limit=200)})"
     if answer.status_code >= 500:
         return f"it answers HTTP {answer.status_code} ({one_line(answer.text or 'no body')})"
     return None
