@@ -26,7 +26,6 @@ from pipeline.cli import main as cli
 from pipeline.config import PromotionRule, parse_params
 from pipeline.promotion import registered_candidate
 from pipeline.tracking import (
-    LOCAL_ID_TAG,
     PARENT_ENV,
     ModelRegistry,
     RunLog,
@@ -34,10 +33,10 @@ from pipeline.tracking import (
     read_tracking_file,
     recorded_run_id,
     start_stage_run,
-    sync_run,
     write_tracking_file,
 )
 from pipeline.tracking.journal import read_records
+from pipeline.tracking.sync import LOCAL_ID_TAG, sync_run
 from pipeline.train import trainer
 from pipeline.train.loop import run_worker
 from pipeline.train.pyfunc import log_saved_model

@@ -74,7 +74,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.tracking import sync_run
+    from pipeline.tracking.sync import sync_run
     from pipeline.train.pyfunc import log_saved_model
 
     params = store_params(args)

@@ -9,7 +9,7 @@ pyfunc model wrapper, pipeline/train/pyfunc.py, which MLflow loads on its own).
 * :mod:`~pipeline.tracking.journal` -- the files of a local fallback (records, runs.json, what
   a sync replayed); :mod:`~pipeline.tracking.fallback` -- :class:`RunLog`, which keeps
   training going on those files when the server fails; :mod:`~pipeline.tracking.sync` --
-  :func:`sync_run`, which replays them into the server once it is back.
+  ``sync_run``, which replays them into the server once it is back.
 * :mod:`~pipeline.tracking.registry` -- registered versions, aliases, version tags, downloads,
   and :func:`resolve_model_uri` (``models:/NAME/VERSION`` / ``models:/NAME@ALIAS``).
 
@@ -18,7 +18,9 @@ experiments under ``tracking.artifact_location`` (``./mlartifacts``); ``mlflow u
 --backend-store-uri sqlite:///mlflow.db`` shows it. A local sqlite store is reachable only from
 this machine: on a multi-node cluster point MLFLOW_TRACKING_URI at a server.
 
-Import from here; the submodules are the layout, this is the surface.
+Import from here; the submodules are the layout, this is the surface. The one exception is
+:mod:`pipeline.tracking.sync` (import it from there): what the DVC stages import is a
+dependency of theirs, and a change to the replay code must not retrain a model.
 """
 
 from pipeline.tracking.fallback import RunLog
@@ -58,15 +60,12 @@ from pipeline.tracking.store import (
     probe_server,
     resolve_tracking_uri,
 )
-from pipeline.tracking.sync import LOCAL_ID_TAG, ModelLogger, SyncError, SyncReport, sync_run
 
 __all__ = [
-    "LOCAL_ID_TAG",
     "PARENT_ENV",
     "TRACKING_ERRORS",
     "TRACKING_FILE",
     "MissingExperiment",
-    "ModelLogger",
     "ModelRegistry",
     "ModelUri",
     "NotRegistered",
@@ -74,8 +73,6 @@ __all__ = [
     "RegistryError",
     "RunLog",
     "RunStatus",
-    "SyncError",
-    "SyncReport",
     "TrackingTarget",
     "create_run",
     "dvc_lock_tags",
@@ -95,6 +92,5 @@ __all__ = [
     "resolve_model_uri",
     "resolve_tracking_uri",
     "start_stage_run",
-    "sync_run",
     "write_tracking_file",
 ]
