@@ -259,9 +259,7 @@ def rollback(registry: ModelRegistry, name: str, alias: str = "champion") -> Rol
     if holder is not None and holder.version != previous.version:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         registry.set_version_tags(name, holder.version, {"promotion.rolled_back": stamp})
-    done = Rollback(name, alias, previous.version, holder.version if holder else None)
-    log.info("%s", done.summary())
-    return done
+    return Rollback(name, alias, previous.version, holder.version if holder else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,11 +119,25 @@ def mlflow_server(root: Path) -> Iterator[MlflowServer]:
         server.stop()
 
 
+UNAVAILABLE = (
+    503,
+    json.dumps(
+        {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "temporarily unavailable"}
+    ).encode(),
+)
+
+
 class FaultProxy:
     """Forwards HTTP to ``upstream``; a request whose path makes ``fails(path)`` true gets
-    ``503`` with ``{"error_code": "TEMPORARILY_UNAVAILABLE"}`` instead. ``failed`` counts them."""
+    ``reply`` instead (default: ``503`` with MLflow's ``TEMPORARILY_UNAVAILABLE`` JSON body).
+    ``failed`` counts them."""
 
-    def __init__(self, upstream: str, fails: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        fails: Callable[[str], bool],
+        reply: tuple[int, bytes] = UNAVAILABLE,
+    ) -> None:
         self.upstream, self.fails, self.failed = upstream.rstrip("/"), fails, 0
         proxy = self
 
@@ -132,16 +146,7 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if proxy.fails(self.path):
                     proxy.failed += 1
-                    self._answer(
-                        503,
-                        json.dumps(
-                            {
-                                "error_code": "TEMPORARILY_UNAVAILABLE",
-                                "message": "the registry is temporarily unavailable",
-                            }
-                        ).encode(),
-                        {"Content-Type": "application/json"},
-                    )
+                    self._answer(*reply, {"Content-Type": "application/json"})
                     return
                 headers = {
                     k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")

@@ -124,6 +124,23 @@ def test_an_unavailable_registry_promotes_nothing(server, tmp_path, bounded_http
     assert not any(k.startswith("promotion.") for k in registry.version("gate2", v2).tags)
 
 
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(200, b"<html>a gateway's page</html>"), (200, b'{"model_version": 7}'), (502, b"")],
+)
+def test_a_bad_answer_on_the_alias_promotes_nothing(server, tmp_path, bounded_http, status, body):
+    """Not JSON, the wrong JSON, a bare 502: never "no champion"."""
+    name = f"gate5{status}{len(body)}"
+    client, rule = MlflowClient(server.uri), _rule(name)
+    v1, _ = _trained(tmp_path, client, server.uri, name, seed=1)
+    with FaultProxy(server.uri, lambda path: "/alias" in path, reply=(status, body)) as proxy:
+        bounded_http(proxy.uri)
+        with pytest.raises(RegistryError, match=rf"^models:/{name}@champion: ") as info:
+            _promote(ModelRegistry(proxy.uri), rule, v1, tmp_path)
+    assert not isinstance(info.value, NotRegistered) and "\n" not in str(info.value)
+    assert ModelRegistry(server.uri).alias_holder(name, "champion") is None
+
+
 def test_a_server_stopped_mid_way_promotes_nothing(server, tmp_path, bounded_http):
     client, rule = MlflowClient(server.uri), _rule("gate3")
     v1, model_dir = _trained(tmp_path, client, server.uri, "gate3", seed=1)

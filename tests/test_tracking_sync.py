@@ -64,7 +64,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch, tmp_path):
-    for name in (*HTTP_VARS, "MLFLOW_TRACKING_URI", PARENT_ENV):
+    quiet = ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    for name in (*HTTP_VARS, *quiet, "MLFLOW_TRACKING_URI", PARENT_ENV):
         monkeypatch.delenv(name, raising=False)  # and whatever a test sets is removed after it
     monkeypatch.chdir(tmp_path)
 

@@ -34,7 +34,7 @@ from mlflow.protos.databricks_pb2 import (
 from pipeline.atomic import staging_dir
 from pipeline.checkpoint import JSON_NAME as GENERATOR_FILE  # marks a checkpoint directory
 from pipeline.errors import one_line
-from pipeline.tracking.store import tracking_client
+from pipeline.tracking.store import TRACKING_ERRORS, tracking_client
 
 __all__ = [
     "ModelRegistry",
@@ -95,14 +95,15 @@ def _is_missing(err: MlflowException, what: str) -> bool:
 
 @contextlib.contextmanager
 def _registry_call(where: str, missing: str | None = None) -> Iterator[None]:
-    """MLflow errors -> one line; :class:`NotRegistered` where the thing (``missing``, e.g.
-    ``"alias"``) does not exist."""
+    """Registry failures -> one line; :class:`NotRegistered` where the thing (``missing``,
+    e.g. ``"alias"``) does not exist, :class:`RegistryError` for everything else."""
     try:
         yield
-    except MlflowException as err:
-        if missing is not None and _is_missing(err, missing):
+    except TRACKING_ERRORS as err:
+        if isinstance(err, MlflowException) and missing is not None and _is_missing(err, missing):
             raise NotRegistered(f"{where}: {one_line(err)}") from None
-        raise RegistryError(f"{where}: {one_line(err)}") from None
+        what = "" if isinstance(err, MlflowException) else f"{type(err).__name__}: "
+        raise RegistryError(f"{where}: {what}{one_line(err)}") from None
 
 
 class ModelRegistry:

@@ -18,6 +18,7 @@ which inherit the ``MLFLOW_HTTP_REQUEST_*`` variables) to seconds.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from google.protobuf.json_format import ParseError
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -49,11 +51,14 @@ __all__ = [
     "tracking_client",
 ]
 
-#: What a failed tracking call may raise (server unreachable, HTTP errors, store errors).
+#: What a failed tracking call may raise: server unreachable, HTTP errors, store errors, and
+#: a reply that is no JSON (MLflow lets that escape raw) or not the message it expects.
 TRACKING_ERRORS: tuple[type[BaseException], ...] = (
     MlflowException,
     requests.RequestException,
     OSError,
+    json.JSONDecodeError,
+    ParseError,
 )
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

@@ -181,7 +181,7 @@ def sync_run(
         state["offset"] = record.end
         write_sync_state(fallback, state)
         report.records += 1
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # the caller reports it
     return report
 
 
