@@ -2,10 +2,15 @@
 MLflow registry only if it beats the current ``champion`` (:mod:`pipeline.promotion`).
 
 Steps: ``dvc repro`` (``retrain.repro_command``; DVC reruns only the stages whose inputs
-changed: new data, new params or code) -> for each rule of ``retrain.rules``: evaluate the newest
-registered version and the alias holder on the same evaluation sets, promote or refuse, and
-record the decision with both scores as ``promotion.*`` tags on the candidate version and in the
-flow's log.
+changed: new data, new params or code) -> for each rule of ``retrain.rules``: the version the
+training stage registered (``<rule.model_dir>/tracking.json``) and the alias holder are
+evaluated on the same evaluation sets, promoted or refused, and the decision with both scores
+is recorded as ``promotion.*`` tags on the candidate version and in the flow's log.
+
+The flow run FAILS (one line, nothing promoted for that rule) when the stage registered no
+version (e.g. it logged to local files: ``cugan tracking sync`` first) or when the registry
+answers anything but "no such alias" with an error (unreachable, 5xx, a bad answer); Prefect
+retries such a promotion ``retrain.registry_retries`` times first.
 
 Scheduling (needs a real Prefect server, see docs/flows.md)::
 
@@ -28,8 +33,14 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.config import Params, PromotionRule, load_params
-from pipeline.promotion import evaluate_and_promote
-from pipeline.tracking import ModelRegistry, resolve_tracking_uri
+from pipeline.promotion import evaluate_and_promote, registered_candidate
+from pipeline.tracking import (
+    ModelRegistry,
+    NotRegistered,
+    RegistryError,
+    limit_http_retries,
+    resolve_tracking_uri,
+)
 
 __all__ = ["deployment", "retrain_flow", "serve"]
 
@@ -62,7 +73,19 @@ def repro_task(command: list[str], cwd: str) -> None:
         raise ReproError(f"{' '.join(command)} exited with code {proc.returncode}")
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def _registry_failed(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a promotion only where the registry failed (it may answer again), never where the
+    decision cannot be made (nothing registered, a rule that does not fit the model)."""
+    try:
+        state.result()
+    except RegistryError as err:
+        return not isinstance(err, NotRegistered)
+    except Exception:  # noqa: BLE001 - any other failure is final
+        return False
+    return False
+
+
+@task(cache_policy=NO_CACHE, retry_delay_seconds=10, retry_condition_fn=_registry_failed)
 def promote_task(
     rule: PromotionRule,
     alias: str,
@@ -70,17 +93,25 @@ def promote_task(
     params: Params,
     tracking_uri: str | None,
     workdir: str,
-) -> dict[str, Any] | None:
-    """Evaluate candidate and champion, decide, tag, move the alias (pipeline.promotion)."""
+    repo_dir: str,
+) -> dict[str, Any]:
+    """The version the stage registered against the champion: evaluate both, decide, tag, move
+    the aliases (pipeline.promotion). Raises (the flow run fails) where it cannot decide."""
     logger = get_run_logger()
     # The training stages' store, unless the flow is pointed at another one.
-    registry = ModelRegistry(tracking_uri or resolve_tracking_uri(params.tracking))
+    uri = tracking_uri or resolve_tracking_uri(params.tracking)
+    limit_http_retries(params.tracking, uri)  # a dead registry fails in seconds, not minutes
+    registry = ModelRegistry(uri)
+    candidate = registered_candidate(registry, rule, Path(repo_dir) / rule.model_dir)
     decision = evaluate_and_promote(
-        registry, rule, alias=alias, eval_root=eval_root, params=params, workdir=workdir
+        registry,
+        rule,
+        candidate_version=candidate,
+        alias=alias,
+        eval_root=eval_root,
+        params=params,
+        workdir=workdir,
     )
-    if decision is None:
-        logger.warning("%s: no registered version yet: nothing to decide", rule.model_name)
-        return None
     logger.info("%s: %s", rule.model_name, decision.summary())
     return dataclasses.asdict(decision)
 
@@ -93,18 +124,25 @@ def retrain_flow(
     repro: bool = True,
     workdir: str = "runs/retrain",
     repo_dir: str = ".",
-) -> dict[str, dict[str, Any] | None]:
+) -> dict[str, dict[str, Any]]:
     """Rerun the pipeline (unless ``repro`` is False), then apply each promotion rule.
 
-    Returns ``{model_name: decision}`` (None where the model has no version yet).
+    Returns ``{model_name: decision}``; a rule that cannot decide fails the flow run.
     """
     params = load_params_task(params_path)
     rp = params.retrain
     if repro and rp.repro_command:
         repro_task.with_options(retries=rp.repro_retries)(list(rp.repro_command), repo_dir)
+    promote = promote_task.with_options(retries=rp.registry_retries)
     return {
-        rule.model_name: promote_task(
-            rule, rp.alias, eval_root, params, tracking_uri, str(Path(workdir) / rule.model_name)
+        rule.model_name: promote(
+            rule,
+            rp.alias,
+            eval_root,
+            params,
+            tracking_uri,
+            str(Path(workdir) / rule.model_name),
+            repo_dir,
         )
         for rule in rp.rules
     }

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -336,16 +336,28 @@ class SweepParams(_Section):
 
 
 class PromotionRule(_Section):
-    """Promote a registered model's candidate to the alias only if it beats the holder."""
+    """Promote the version a training stage registered to the alias only if it beats the holder."""
 
     model_name: str
-    # <set>/<setting or all>/<metric> of the evaluation (pipeline.evaluation keys).
+    kind: Literal["mse", "gan"]  # the generator scored (a cugan model carries CUnet's mse too)
+    # <set>/<setting or all>/<metric>; direction: max for psnr*/ssim*, min for lpips/dists.
     metric: str
     direction: Literal["max", "min"]
-    # The candidate must be better by more than this.
-    min_delta: float = Field(0.0, ge=0)
+    # The training stage's model directory; its tracking.json names the version it registered.
+    model_dir: str
+    min_delta: float = Field(0.0, ge=0)  # the candidate must be better by more than this
     # LPIPS/DISTS on random backbone weights say nothing: refuse to decide on them unless set.
     allow_random_backbones: bool = False
+
+    @model_validator(mode="after")
+    def _direction_of_metric(self) -> PromotionRule:
+        name, known = self.metric.rsplit("/", 1)[-1], get_args(_EvalMetric)
+        if name not in known:
+            raise ValueError(f"metric {self.metric!r} ends in none of {list(known)}")
+        want = "max" if name.startswith(("psnr", "ssim")) else "min"
+        if self.direction != want:
+            raise ValueError(f"direction must be {want!r} for {name} (got {self.direction!r})")
+        return self
 
 
 class RetrainParams(_Section):
@@ -353,14 +365,28 @@ class RetrainParams(_Section):
 
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
-    # Command rerunning the pipeline (argv); empty: skip (evaluate the latest versions only).
+    # Command rerunning the pipeline (argv); empty: skip (judge what the stages last registered).
     repro_command: tuple[str, ...] = ("dvc", "repro")
     # Retries of the rerun (e.g. a download that timed out), a minute apart.
     repro_retries: int = Field(1, ge=0)
+    registry_retries: int = Field(2, ge=0)  # a failing registry: 10 s apart, then the run fails
+    # The winner's alias (the candidate holds `challenger`, the replaced champion `previous`).
     alias: str = "champion"
     rules: tuple[PromotionRule, ...] = (
-        PromotionRule(model_name="cunet", metric="holdout/all/psnr_rgb", direction="max"),
-        PromotionRule(model_name="cugan", metric="holdout/all/lpips", direction="min"),
+        PromotionRule(
+            model_name="cunet",
+            kind="mse",
+            metric="holdout/all/psnr_rgb",
+            direction="max",
+            model_dir="runs/train_cunet/model",
+        ),
+        PromotionRule(
+            model_name="cugan",
+            kind="gan",
+            metric="holdout/all/lpips",
+            direction="min",
+            model_dir="runs/train_cugan/model",
+        ),
     )
 
 
@@ -506,6 +532,11 @@ class TrackingParams(_Section):
     # Log the final model (pyfunc) and register it as `cunet` / `cugan`.
     log_model: bool = True
     register_model: bool = True
+    # A server silent this long at a stage's start: log to local files (`cugan tracking sync`).
+    # HTTP limits of the stage's processes, unless set in MLFLOW_HTTP_REQUEST_* (MLflow: ~4 min).
+    probe_timeout_s: float = Field(5.0, gt=0)
+    http_timeout_s: int = Field(10, gt=0)
+    http_max_retries: int = Field(2, ge=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,6 +151,26 @@ def test_evaluate_flow_end_to_end(prefect_harness, tmp_path, monkeypatch):
 # scheduled retraining: repro, then promotion
 
 
+def _trained(repo: Path, name: str, uri: str, version: str | None, mode: str = "mlflow") -> None:
+    """The tracking.json a training stage leaves: the version it registered (None: none)."""
+    from pipeline.tracking import TrackingTarget, write_tracking_file
+
+    model_dir = repo / "runs" / f"train_{name}" / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    target = TrackingTarget(mode=mode, uri=uri, fallback_dir=str(model_dir.parent / "fb"))
+    registered = {"name": name, "version": version} if version else None
+    write_tracking_file(model_dir, target, f"train_{name}", registered)
+
+
+CUNET_RULE = {
+    "model_name": "cunet",
+    "kind": "mse",
+    "metric": "tiny/all/psnr_rgb",
+    "direction": "max",
+    "model_dir": "runs/train_cunet/model",
+}
+
+
 def test_retrain_flow_reruns_and_promotes_only_a_better_model(
     prefect_harness, tmp_path, monkeypatch
 ):
@@ -166,7 +186,7 @@ def test_retrain_flow_reruns_and_promotes_only_a_better_model(
         retrain={
             # Stands in for `dvc repro`: the flow runs it with the same interpreter on PATH.
             "repro_command": ["python", "-c", f"open({str(marker)!r}, 'w').write('ok')"],
-            "rules": [{"model_name": "cunet", "metric": "tiny/all/psnr_rgb", "direction": "max"}],
+            "rules": [CUNET_RULE],
         },
     )
     client = MlflowClient(evalkit.sqlite_uri(tmp_path))
@@ -179,12 +199,14 @@ def test_retrain_flow_reruns_and_promotes_only_a_better_model(
     }
 
     v1 = evalkit.register_tiny(client, tmp_path, "cunet", seed=1)
+    _trained(tmp_path, "cunet", evalkit.sqlite_uri(tmp_path), v1)  # what the repro trained
     first = retrain_flow(**kwargs)
     assert marker.read_text() == "ok"
     assert first["cunet"]["promote"] is True  # no champion yet
     assert str(client.get_model_version_by_alias("cunet", "champion").version) == v1
 
     v2 = evalkit.register_tiny(client, tmp_path, "cunet", seed=2, damage=0.5)
+    _trained(tmp_path, "cunet", evalkit.sqlite_uri(tmp_path), v2)
     second = retrain_flow(**{**kwargs, "repro": False})
     assert second["cunet"]["promote"] is False
     assert second["cunet"]["candidate_score"] < second["cunet"]["champion_score"]
@@ -192,6 +214,79 @@ def test_retrain_flow_reruns_and_promotes_only_a_better_model(
     tags = client.get_model_version("cunet", v2).tags
     assert tags["promotion.decision"] == "rejected"
     assert tags["promotion.champion_version"] == v1
+
+
+def test_retrain_flow_fails_when_the_run_registered_nothing(prefect_harness, tmp_path, monkeypatch):
+    """A stage that logged to local files registered no version: the flow run fails in one
+    line, and an older version in the registry is NOT judged as if it were new."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.retrain import retrain_flow
+    from pipeline.promotion import PromotionError
+
+    monkeypatch.chdir(tmp_path)
+    uri = evalkit.sqlite_uri(tmp_path)
+    old = evalkit.register_tiny(MlflowClient(uri), tmp_path, "cunet", seed=1)
+    _trained(tmp_path, "cunet", uri, None, mode="local")
+    params_path = write_params(tmp_path, retrain={"rules": [CUNET_RULE], "registry_retries": 0})
+    state = retrain_flow(
+        params_path=str(params_path),
+        tracking_uri=uri,
+        repro=False,
+        repo_dir=str(tmp_path),
+        return_state=True,
+    )
+    assert state.is_failed()
+    with pytest.raises(PromotionError, match="logged to local files") as info:
+        state.result()
+    assert "cugan tracking sync" in str(info.value) and "\n" not in str(info.value)
+    tags = MlflowClient(uri).get_model_version("cunet", old).tags
+    assert not any(k.startswith("promotion.") for k in tags)
+
+
+def test_retrain_flow_fails_on_an_unavailable_registry(prefect_harness, tmp_path, monkeypatch):
+    """The registry answers 503 TEMPORARILY_UNAVAILABLE on the alias look-up (a proxy in front
+    of a real mlflow server): the flow run fails with that one line, after the configured
+    retries, and promotes nothing (it used to promote without a comparison)."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.retrain import retrain_flow
+    from pipeline.tracking import RegistryError
+    from tests.mlflow_server import FaultProxy, mlflow_server
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("TIMEOUT", "MAX_RETRIES", "BACKOFF_FACTOR"):
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
+    evalkit.make_eval_set(tmp_path / "sets")
+    with mlflow_server(tmp_path / "server") as server:
+        client = MlflowClient(server.uri)
+        v1 = evalkit.register_tiny(client, tmp_path, "cunet", seed=1)
+        client.set_registered_model_alias("cunet", "champion", v1)
+        v2 = evalkit.register_tiny(client, tmp_path, "cunet", seed=2)
+        with FaultProxy(server.uri, lambda path: "/registered-models/alias" in path) as proxy:
+            _trained(tmp_path, "cunet", proxy.uri, v2)
+            params_path = write_params(
+                tmp_path, retrain={"rules": [CUNET_RULE], "registry_retries": 1}
+            )
+            state = retrain_flow(
+                params_path=str(params_path),
+                eval_root=str(tmp_path / "sets"),
+                tracking_uri=proxy.uri,
+                repro=False,
+                workdir=str(tmp_path / "work"),
+                repo_dir=str(tmp_path),
+                return_state=True,
+            )
+            assert proxy.failed == 2 * 3  # two task runs, each the look-up and 2 HTTP retries
+        assert state.is_failed()
+        with pytest.raises(RegistryError, match=r"^models:/cunet@champion: .*503") as info:
+            state.result()
+        assert "\n" not in str(info.value)
+        assert str(client.get_model_version_by_alias("cunet", "champion").version) == v1
+        assert not any(
+            k.startswith("promotion.") for k in client.get_model_version("cunet", v2).tags
+        )
+        assert not client.get_registered_model("cunet").aliases.get("challenger")
 
 
 def test_retrain_flow_fails_when_repro_fails(prefect_harness, tmp_path, monkeypatch):

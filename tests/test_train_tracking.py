@@ -159,3 +159,75 @@ def test_parent_and_child_runs_in_a_local_store(tmp_path, monkeypatch):
     assert run.data.params["train_cugan.weights.gan"] == "0.005"
     assert len(client.get_metric_history(second.run_id, "loss/g_gan")) == 1500
     assert run.info.status == "FINISHED"
+
+
+# ---------------------------------------------------------------------------------------------
+# a server that does not answer at all, and the model the stage registers
+
+
+def test_a_silent_server_falls_back_after_the_probe_timeout(tmp_path, monkeypatch, caplog):
+    """A server that accepts connections and never answers (a hung process, a black-holed
+    route): MLflow would wait 120 s per attempt, 7 times; the probe waits probe_timeout_s."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("TIMEOUT", "MAX_RETRIES", "BACKOFF_FACTOR"):
+        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}", raising=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)  # the kernel accepts; nothing ever reads or answers
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        params = TrackingParams(uri=uri, probe_timeout_s=1, http_max_retries=1)
+        target = start_stage_run(params, stage="train_cunet", out_dir=tmp_path)
+    assert target.mode == "local" and target.local_id
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no answer within 1 s" in warnings[0]
+    import os
+
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"  # for the rest of the run
+
+
+def _model_stage(tmp_path, tracking):
+    from pipeline.train.worker_config import stage_params
+    from tests import evalkit
+
+    params = parse_params({"train_cunet": {"generator": "tiny"}, "tracking": tracking})
+    model_dir = evalkit.save_tiny(tmp_path / "out" / "model", seed=1)
+    return params, stage_params(params, "cunet"), model_dir
+
+
+def test_log_model_records_the_version_it_registered(tmp_path, monkeypatch):
+    from pipeline.train import trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("CUGAN_MLFLOW_PARENT_RUN_ID", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params, sp, model_dir = _model_stage(
+        tmp_path, {"uri": uri, "artifact_location": str(tmp_path / "art")}
+    )
+    client = MlflowClient(uri)
+    for _ in range(2):  # two runs: versions 1 and 2; the second run's tracking.json names 2
+        target = start_stage_run(params.tracking, stage="train_cunet", out_dir=tmp_path / "out")
+        write_tracking_file(model_dir, target, "train_cunet")
+        trainer._log_model(params, "cunet", sp, target, RunLog(target), model_dir, None)
+    # a newer version registered elsewhere does not change what this run produced
+    client.create_model_version("cunet", source=client.get_model_version("cunet", "1").source)
+    recorded = read_tracking_file(model_dir)
+    assert recorded["registered_model"] == {"name": "cunet", "version": "2"}
+    assert client.get_model_version("cunet", "2").run_id == target.run_id == recorded["run_id"]
+    assert str(client.get_registered_model("cunet").latest_versions[-1].version) == "3"
+
+
+def test_log_model_without_mlflow_saves_and_records_the_model(tmp_path, dead_server):
+    from pipeline.tracking.journal import read_records
+    from pipeline.train import trainer
+
+    params, sp, model_dir = _model_stage(tmp_path, {"uri": dead_server})
+    target = start_stage_run(params.tracking, stage="train_cunet", out_dir=tmp_path / "out")
+    write_tracking_file(model_dir, target, "train_cunet")
+    runlog = RunLog(target)
+    assert trainer._log_model(params, "cunet", sp, target, runlog, model_dir, None) is None
+    (record,) = [r for r in read_records(target.fallback_dir) if r.kind == "model"]
+    assert record.local_id == target.local_id
+    assert record.data["registered_name"] == "cunet"
+    saved = tmp_path / "out" / "mlflow-fallback" / record.data["path"]
+    assert (saved / "MLmodel").is_file() and (saved / "artifacts" / "mse").is_dir()
+    assert read_tracking_file(model_dir)["registered_model"] is None

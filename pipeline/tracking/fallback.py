@@ -3,17 +3,19 @@ from the first failure on.
 
 The first MLflow call that fails (server down, timeout, database locked...) logs ONE warning
 and switches that process to local logging for good: every later record of the run (params,
-tags, metrics, images, JSON) is appended to ``<fallback dir>/tracking.jsonl`` and artifacts are
-written under ``<fallback dir>/artifacts/`` (each file atomically); the fallback dir is
-``<stage out>/mlflow-fallback``. The HTTP client's own retries apply before a call counts as
-failed (MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT shorten them).
+tags, metrics, images, JSON, the saved model) goes to the journal of
+:mod:`pipeline.tracking.journal` in ``<stage out>/mlflow-fallback`` under the run's id,
+artifacts to files beside it, each written before its record. ``cugan tracking sync`` replays
+all of it (:mod:`pipeline.tracking.sync`).
+
+How long a failing call takes before it counts as failed is MLflow's HTTP client's business:
+:func:`pipeline.tracking.store.limit_http_retries` (applied where the stage starts, inherited
+by the Ray workers) keeps it to seconds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,15 @@ import numpy as np
 from pipeline.atomic import atomic_write_json
 from pipeline.errors import one_line
 from pipeline.imageio import write_png
-from pipeline.tracking.runs import FALLBACK_DIR, RunStatus, TrackingTarget
-from pipeline.tracking.store import TRACKING_ERRORS, send_batch, tracking_client
+from pipeline.tracking.journal import ARTIFACTS_DIR, FALLBACK_DIR, JOURNAL_FILE, append_record
+from pipeline.tracking.runs import RunStatus, TrackingTarget
+from pipeline.tracking.store import (
+    TRACKING_ERRORS,
+    is_http,
+    quiet_retry_warnings,
+    send_batch,
+    tracking_client,
+)
 
 __all__ = ["RunLog"]
 
@@ -38,6 +47,8 @@ class RunLog:
         self.target = target
         self.mode = target.mode
         self._client = tracking_client(target.uri) if self.mode == "mlflow" else None
+        if self.mode == "mlflow" and is_http(target.uri):
+            quiet_retry_warnings()  # also in a Ray worker, where the stage's setup did not run
         if self.mode == "local" and target.fallback_dir is None:
             raise ValueError("local tracking needs a fallback_dir")
 
@@ -45,45 +56,61 @@ class RunLog:
     def fell_back(self) -> bool:
         return self.target.mode == "mlflow" and self.mode == "local"
 
+    @property
+    def local_dir(self) -> Path:
+        """The fallback directory (the journal, artifacts/, saved models)."""
+        return Path(self.target.fallback_dir or FALLBACK_DIR)
+
     # -- local ---------------------------------------------------------------------------------
 
-    def _local_dir(self) -> Path:
-        path = Path(self.target.fallback_dir or FALLBACK_DIR)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
     def _artifact_path(self, artifact_file: str) -> Path:
-        dest = self._local_dir() / "artifacts" / artifact_file
+        dest = self.local_dir / ARTIFACTS_DIR / artifact_file
         dest.parent.mkdir(parents=True, exist_ok=True)
         return dest
 
     def _append(self, kind: str, payload: Any) -> None:
-        # An append-only log: a torn last line is the worst a crash leaves, and readers skip it.
-        record = {"time": time.time(), "run_id": self.target.run_id, "kind": kind, "data": payload}
-        with (self._local_dir() / "tracking.jsonl").open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_record(
+            self.local_dir,
+            kind,
+            payload,
+            run_id=self.target.run_id,
+            local_id=self.target.local_id,
+        )
 
-    def _fall_back(self, what: str, err: BaseException) -> None:
+    def fall_back(self, what: str, err: BaseException) -> None:
+        """Switch to local files for the rest of the run (one warning). The records keep the
+        run's id: a sync replays them into that run."""
         self.mode = "local"
         log.warning(
             "MLflow tracking at %s failed (%s: %s); continuing without it: this run's records "
-            "go to %s",
+            "go to %s (`cugan tracking sync` replays them)",
             self.target.uri,
             what,
             one_line(err),
-            self._local_dir() / "tracking.jsonl",
+            self.local_dir / JOURNAL_FILE,
         )
 
+    def _sent(self, what: str, mlflow_fn: Callable[[], None]) -> bool:
+        """Whether MLflow took the record; False (after falling back) where it did not."""
+        if self.mode != "mlflow":
+            return False
+        try:
+            mlflow_fn()
+        except TRACKING_ERRORS as err:
+            self.fall_back(what, err)
+            return False
+        return True
+
     def _call(self, what: str, mlflow_fn: Callable[[], None], kind: str, payload: Any) -> None:
-        if self.mode == "off":
-            return
-        if self.mode == "mlflow":
-            try:
-                mlflow_fn()
-                return
-            except TRACKING_ERRORS as err:
-                self._fall_back(what, err)
-        self._append(kind, payload)
+        if self.mode != "off" and not self._sent(what, mlflow_fn):
+            self._append(kind, payload)
+
+    def _file(
+        self, what: str, mlflow_fn: Callable[[], None], write: Callable[[Path], Any], name: str
+    ) -> None:
+        if self.mode != "off" and not self._sent(what, mlflow_fn):
+            write(self._artifact_path(name))
+            self._append("artifact", name)
 
     # -- API -----------------------------------------------------------------------------------
 
@@ -116,26 +143,28 @@ class RunLog:
         )
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
-        def send() -> None:
-            self._client.log_image(self.target.run_id, image, artifact_file=artifact_file)
-
-        if self.mode == "off":
-            return
-        self._call("log image", send, "artifact", artifact_file)
-        if self.mode == "local":
-            write_png(self._artifact_path(artifact_file), image)
-
-    def log_dict(self, obj: Any, artifact_file: str) -> None:
-        if self.mode == "off":
-            return
-        self._call(
-            "log dict",
-            lambda: self._client.log_dict(self.target.run_id, obj, artifact_file),
-            "artifact",
+        self._file(
+            "log image",
+            lambda: self._client.log_image(self.target.run_id, image, artifact_file=artifact_file),
+            lambda path: write_png(path, image),
             artifact_file,
         )
-        if self.mode == "local":
-            atomic_write_json(self._artifact_path(artifact_file), obj)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self._file(
+            "log dict",
+            lambda: self._client.log_dict(self.target.run_id, obj, artifact_file),
+            lambda path: atomic_write_json(path, obj),
+            artifact_file,
+        )
+
+    def record_saved_model(self, path: str | Path, registered_name: str | None) -> None:
+        """A pyfunc model saved under the fallback directory instead of logged: a sync logs it
+        into the run and registers it as ``registered_name`` (None: log only)."""
+        if self.mode == "off":
+            return
+        where = Path(path).resolve().relative_to(self.local_dir.resolve())
+        self._append("model", {"path": where.as_posix(), "registered_name": registered_name})
 
     def finish(self, status: RunStatus = "FINISHED") -> None:
         def send() -> None:

@@ -34,7 +34,7 @@ from mlflow.protos.databricks_pb2 import (
 from pipeline.atomic import staging_dir
 from pipeline.checkpoint import JSON_NAME as GENERATOR_FILE  # marks a checkpoint directory
 from pipeline.errors import one_line
-from pipeline.tracking.store import tracking_client
+from pipeline.tracking.store import TRACKING_ERRORS, tracking_client
 
 __all__ = [
     "ModelRegistry",
@@ -95,14 +95,15 @@ def _is_missing(err: MlflowException, what: str) -> bool:
 
 @contextlib.contextmanager
 def _registry_call(where: str, missing: str | None = None) -> Iterator[None]:
-    """MLflow errors -> one line; :class:`NotRegistered` where the thing (``missing``, e.g.
-    ``"alias"``) does not exist."""
+    """Registry failures -> one line; :class:`NotRegistered` where the thing (``missing``,
+    e.g. ``"alias"``) does not exist, :class:`RegistryError` for everything else."""
     try:
         yield
-    except MlflowException as err:
-        if missing is not None and _is_missing(err, missing):
+    except TRACKING_ERRORS as err:
+        if isinstance(err, MlflowException) and missing is not None and _is_missing(err, missing):
             raise NotRegistered(f"{where}: {one_line(err)}") from None
-        raise RegistryError(f"{where}: {one_line(err)}") from None
+        what = "" if isinstance(err, MlflowException) else f"{type(err).__name__}: "
+        raise RegistryError(f"{where}: {what}{one_line(err)}") from None
 
 
 class ModelRegistry:
@@ -174,6 +175,7 @@ class ModelRegistry:
         dst: str | os.PathLike[str],
         *,
         prefer: str | None = None,
+        strict: bool = False,
     ) -> Path:
         """Download a version's artifacts into ``dst`` (replacing it whole, or leaving it as it
         was on failure) and return the generator checkpoint directory in them (a directory
@@ -181,7 +183,9 @@ class ModelRegistry:
 
         ``prefer`` picks the directory of that name (``mse`` / ``gan``: the kinds the training
         stages store) when there are several. Without it, the shallowest one is returned (for
-        a CUGAN model: ``gan``, the generator that stage trained).
+        a CUGAN model: ``gan``, the generator that stage trained). ``strict`` makes ``prefer``
+        a requirement: a version without a directory of that name is a :class:`RegistryError`
+        (the promotion rule scores exactly the kind it names, never a stand-in).
         """
         where = f"models:/{name}/{version}"
         with _registry_call(where, missing="version"):
@@ -201,6 +205,9 @@ class ModelRegistry:
             if not found:
                 raise RegistryError(f"{where}: no {GENERATOR_FILE} in its artifacts ({uri})")
             preferred = [p for p in found if prefer is not None and p.name == prefer]
+            if strict and not preferred:
+                held = ", ".join(sorted(p.name for p in found))
+                raise RegistryError(f"{where}: no {prefer!r} generator in its artifacts ({held})")
             if prefer is not None and not preferred and len(found) > 1:
                 raise RegistryError(
                     f"{where}: {len(found)} generators in its artifacts "

@@ -10,11 +10,20 @@ Training runs: one *parent* run per pipeline run and one *child* run per stage (
 3. otherwise a new parent run is created (named ``pipeline-<UTC time>``).
 
 Every stage writes ``<stage out>/model/tracking.json`` = ``{"tracking_uri", "experiment_id",
-"parent_run_id", "run_id", "stage", "mode"}`` beside its final checkpoint, which is how the
-next stage (and evaluation, :func:`recorded_run_id`) joins the same parent.
+"parent_run_id", "run_id", "local_id", "stage", "mode", "fallback", "registered_model"}``
+beside its final checkpoint, which is how the next stage (and evaluation,
+:func:`recorded_run_id`) joins the same parent, and how the retrain flow knows the exact
+version the stage registered (``{"name", "version"}``, or null).
 
-Where the store is unreachable when a stage starts, :func:`start_stage_run` returns a
-``local`` target and the stage logs through :class:`pipeline.tracking.fallback.RunLog` to files.
+Before a stage opens its runs on a tracking server, :func:`start_stage_run` bounds MLflow's
+HTTP retries for the stage's processes and probes the server with a short timeout
+(``tracking.probe_timeout_s``, :mod:`~pipeline.tracking.store`). Where the store does not
+answer, it returns a ``local`` target (one warning) and the stage logs through
+:class:`pipeline.tracking.fallback.RunLog` to the files of :mod:`pipeline.tracking.journal`;
+``cugan tracking sync`` (:mod:`pipeline.tracking.sync`) replays them later. The stage's
+``tracking.json`` is part of its DVC output and is never rewritten afterwards:
+:func:`read_tracking_file` reads it through the sync's ``synced.json``, so the next stage and
+evaluation find the run the fallback became.
 The plain-run functions (:func:`create_run`, :func:`log_to_run`, :func:`end_run`) have no
 fallback: their callers (evaluation, the sweep) run as Prefect tasks that retry and then fail.
 """
@@ -26,6 +35,7 @@ import logging
 import os
 import subprocess
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,18 +47,20 @@ from mlflow import MlflowClient
 from pipeline.atomic import atomic_write_json
 from pipeline.config import TrackingParams
 from pipeline.errors import one_line
+from pipeline.tracking.journal import FALLBACK_DIR, JOURNAL_FILE, add_local_run, read_sync_state
 from pipeline.tracking.store import (
     TRACKING_ERRORS,
     MetricRows,
     ensure_experiment,
     experiment_id,
+    limit_http_retries,
+    probe_server,
     resolve_tracking_uri,
     send_batch,
     tracking_client,
 )
 
 __all__ = [
-    "FALLBACK_DIR",
     "PARENT_ENV",
     "TRACKING_FILE",
     "MissingExperiment",
@@ -60,6 +72,7 @@ __all__ = [
     "flatten_params",
     "git_tags",
     "log_to_run",
+    "open_stage_run",
     "read_tracking_file",
     "recorded_run_id",
     "start_stage_run",
@@ -70,7 +83,6 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "CUGAN_MLFLOW_PARENT_RUN_ID"
 TRACKING_FILE = "tracking.json"
-FALLBACK_DIR = "mlflow-fallback"
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
@@ -145,7 +157,8 @@ def dvc_lock_tags(
 
 @dataclass(frozen=True)
 class TrackingTarget:
-    """Where a run logs; plain data so it can travel to the Ray workers in their config."""
+    """Where a run logs; plain data so it can travel to the Ray workers in their config.
+    ``local_id`` names a run that logs to local files from its start (no MLflow run yet)."""
 
     mode: Literal["mlflow", "local", "off"]
     uri: str | None = None
@@ -153,6 +166,7 @@ class TrackingTarget:
     run_id: str | None = None
     parent_run_id: str | None = None
     fallback_dir: str | None = None
+    local_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,7 +177,9 @@ class TrackingTarget:
 
 
 def read_tracking_file(directory: str | os.PathLike[str] | None) -> dict[str, Any] | None:
-    """The ``tracking.json`` a training stage left in ``directory``, or None."""
+    """The ``tracking.json`` a training stage left in ``directory``, or None; where ``cugan
+    tracking sync`` has replayed the stage's fallback since, the run (and registered version)
+    it became, with ``mode`` ``mlflow`` and ``synced_from`` naming the fallback."""
     if directory is None:
         return None
     path = Path(directory) / TRACKING_FILE
@@ -171,12 +187,36 @@ def read_tracking_file(directory: str | os.PathLike[str] | None) -> dict[str, An
         data = json.loads(path.read_text())
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    key, fallback = data.get("local_id") or data.get("run_id"), data.get("fallback")
+    state = read_sync_state(Path(directory) / fallback) if key and fallback else None
+    synced = (state or {}).get("runs", {}).get(key)
+    if not synced:
+        return data
+    return {
+        **data,
+        "tracking_uri": state["tracking_uri"],
+        "experiment_id": synced["experiment_id"],
+        "parent_run_id": synced.get("parent_run_id"),
+        "run_id": synced["run_id"],
+        "mode": "mlflow",
+        "registered_model": synced.get("registered_model") or data.get("registered_model"),
+        "synced_from": str((Path(directory) / fallback).resolve()),
+    }
 
 
 def write_tracking_file(
-    directory: str | os.PathLike[str], target: TrackingTarget, stage: str
+    directory: str | os.PathLike[str],
+    target: TrackingTarget,
+    stage: str,
+    registered: Mapping[str, str] | None = None,
 ) -> Path:
+    """``tracking.json`` (module docstring); ``registered``: ``{"name", "version"}`` of the
+    model version the stage registered, None if it registered none."""
+    fallback = None
+    if target.fallback_dir is not None:
+        fallback = os.path.relpath(target.fallback_dir, Path(directory).resolve())
     return atomic_write_json(
         Path(directory) / TRACKING_FILE,
         {
@@ -184,8 +224,11 @@ def write_tracking_file(
             "experiment_id": target.experiment_id,
             "parent_run_id": target.parent_run_id,
             "run_id": target.run_id,
+            "local_id": target.local_id,
             "stage": stage,
             "mode": target.mode,
+            "fallback": fallback,
+            "registered_model": dict(registered) if registered else None,
         },
     )
 
@@ -198,7 +241,7 @@ def recorded_run_id(
     """The MLflow run a training stage recorded for this checkpoint, if it is in this store:
     ``tracking.json`` beside the checkpoint (directory or ``.safetensors`` file), else
     ``mlflow_run_id`` in the checkpoint's metadata. A run recorded in another store, or a
-    stage that logged to local files, names nothing here."""
+    stage that logged to local files (and was not synced since), names nothing here."""
     path = Path(checkpoint)
     recorded = read_tracking_file(path if path.is_dir() else path.parent)
     if recorded and recorded.get("run_id") and recorded.get("mode") != "local":
@@ -219,6 +262,41 @@ def _usable_parent(client: MlflowClient, run_id: str | None, experiment: str) ->
     return run_id if run.info.experiment_id == experiment else None
 
 
+def open_stage_run(
+    client: MlflowClient,
+    uri: str,
+    exp_id: str,
+    *,
+    stage: str,
+    init_dir: str | os.PathLike[str] | None,
+    tags: Mapping[str, str],
+    parent_hint: str | None = None,
+    own_tags: Mapping[str, str] | None = None,
+    start_time: int | None = None,
+) -> tuple[str, str]:
+    """Create a stage's child run under the parent the module docstring describes (found from
+    ``parent_hint``, else ``init_dir``'s tracking.json, else created); returns ``(run id,
+    parent id)``. ``tags`` go on both runs, ``own_tags`` on the child only; ``start_time``
+    (ms) dates them (a sync replays a run that started earlier)."""
+    previous = read_tracking_file(init_dir) or {}
+    parent = _usable_parent(client, parent_hint, exp_id)
+    if parent is None and previous.get("tracking_uri") == uri:
+        parent = _usable_parent(client, previous.get("parent_run_id"), exp_id)
+    if parent is None:
+        when = time.gmtime(start_time / 1000 if start_time is not None else None)
+        name = time.strftime("pipeline-%Y%m%d-%H%M%S", when)
+        created = client.create_run(exp_id, start_time=start_time, run_name=name, tags=dict(tags))
+        parent = created.info.run_id
+        log.info("MLflow: new parent run %s (%s)", name, parent)
+    run = client.create_run(
+        exp_id,
+        start_time=start_time,
+        run_name=stage,
+        tags={**tags, **(own_tags or {}), "mlflow.parentRunId": parent, "stage": stage},
+    )
+    return str(run.info.run_id), str(parent)
+
+
 def start_stage_run(
     params: TrackingParams,
     *,
@@ -229,49 +307,64 @@ def start_stage_run(
 ) -> TrackingTarget:
     """Create (or find) the parent run and create this stage's child run (module docstring).
 
-    Returns where the stage logs: ``mode="mlflow"`` normally, ``"local"`` when the store is
-    unreachable (one warning), ``"off"`` when ``tracking.enabled`` is false.
+    Returns where the stage logs: ``mode="mlflow"`` normally, ``"local"`` when the store does
+    not answer the probe or a call (one warning; the fallback's ``runs.json`` keeps what a
+    sync needs to create the run later), ``"off"`` when ``tracking.enabled`` is false.
     """
     fallback = str((Path(out_dir) / FALLBACK_DIR).resolve())
     if not params.enabled:
         return TrackingTarget(mode="off", fallback_dir=fallback)
     uri = resolve_tracking_uri(params)
-    try:
-        client = tracking_client(uri)
-        exp_id = ensure_experiment(
-            uri, params.experiment, artifact_location=params.artifact_location
-        )
-        previous = read_tracking_file(init_dir) or {}
-        parent = _usable_parent(client, os.environ.get(PARENT_ENV), exp_id)
-        if parent is None and previous.get("tracking_uri") == uri:
-            parent = _usable_parent(client, previous.get("parent_run_id"), exp_id)
-        base_tags = dict(tags or {})
-        if parent is None:
-            name = time.strftime("pipeline-%Y%m%d-%H%M%S", time.gmtime())
-            parent = client.create_run(exp_id, run_name=name, tags=base_tags).info.run_id
-            log.info("MLflow: new parent run %s (%s)", name, parent)
-        run = client.create_run(
-            exp_id,
-            run_name=stage,
-            tags={**base_tags, "mlflow.parentRunId": parent, "stage": stage},
-        )
-    except TRACKING_ERRORS as err:
-        log.warning(
-            "MLflow tracking at %s is unavailable (%s); this stage logs to %s instead",
-            uri,
-            one_line(err),
-            Path(fallback) / "tracking.jsonl",
-        )
-        return TrackingTarget(mode="local", uri=uri, fallback_dir=fallback)
-    log.info("MLflow: stage %s logs to run %s in %s", stage, run.info.run_id, uri)
-    return TrackingTarget(
-        mode="mlflow",
-        uri=uri,
-        experiment_id=exp_id,
-        run_id=run.info.run_id,
-        parent_run_id=parent,
-        fallback_dir=fallback,
+    limit_http_retries(params, uri)
+    base_tags = dict(tags or {})
+    reason = probe_server(uri, params.probe_timeout_s)
+    if reason is None:
+        try:
+            client = tracking_client(uri)
+            exp_id = ensure_experiment(
+                uri, params.experiment, artifact_location=params.artifact_location
+            )
+            run_id, parent = open_stage_run(
+                client,
+                uri,
+                exp_id,
+                stage=stage,
+                init_dir=init_dir,
+                tags=base_tags,
+                parent_hint=os.environ.get(PARENT_ENV),
+            )
+        except TRACKING_ERRORS as err:
+            reason = one_line(err)
+        else:
+            log.info("MLflow: stage %s logs to run %s in %s", stage, run_id, uri)
+            return TrackingTarget(
+                mode="mlflow",
+                uri=uri,
+                experiment_id=exp_id,
+                run_id=run_id,
+                parent_run_id=parent,
+                fallback_dir=fallback,
+            )
+    local = TrackingTarget(mode="local", uri=uri, fallback_dir=fallback, local_id=uuid.uuid4().hex)
+    log.warning(
+        "MLflow tracking at %s is unavailable (%s); this stage logs to %s instead "
+        "(`cugan tracking sync %s` replays it once the server is back)",
+        uri,
+        reason,
+        Path(fallback) / JOURNAL_FILE,
+        Path(out_dir),
     )
+    start = {
+        "uri": uri,
+        "experiment": params.experiment,
+        "artifact_location": str(Path(params.artifact_location).resolve()),
+        "stage": stage,
+        "tags": base_tags,
+        "init_dir": str(Path(init_dir).resolve()) if init_dir is not None else None,
+        "parent_run_id": os.environ.get(PARENT_ENV),
+    }
+    add_local_run(fallback, str(local.local_id), start)
+    return local
 
 
 # ---------------------------------------------------------------------------------------------

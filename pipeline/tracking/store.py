@@ -9,10 +9,17 @@ custom_model_development``. Without that tag the MLflow 3 UI guesses the kind an
 experiment that holds no traces in its GenAI *traces* view, one click away from the runs; with
 it, the runs table (the model-training view) opens first. An existing experiment found without
 the tag (or with only a value the UI inferred) gets it set; a kind someone chose by hand stays.
+
+A dead server: MLflow's HTTP client retries every request with backoff for about four minutes
+by default. :func:`probe_server` asks once with a short timeout before a long run, and
+:func:`limit_http_retries` bounds every later request of the process (and of the Ray workers,
+which inherit the ``MLFLOW_HTTP_REQUEST_*`` variables) to seconds.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -20,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from google.protobuf.json_format import ParseError
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from pipeline.config import TrackingParams
+from pipeline.errors import one_line
 
 __all__ = [
     "EXPERIMENT_KIND",
@@ -33,16 +42,23 @@ __all__ = [
     "MetricRows",
     "ensure_experiment",
     "experiment_id",
+    "is_http",
+    "limit_http_retries",
+    "probe_server",
+    "quiet_retry_warnings",
     "resolve_tracking_uri",
     "send_batch",
     "tracking_client",
 ]
 
-#: What a failed tracking call may raise (server unreachable, HTTP errors, store errors).
+#: What a failed tracking call may raise: server unreachable, HTTP errors, store errors, and
+#: a reply that is no JSON (MLflow lets that escape raw) or not the message it expects.
 TRACKING_ERRORS: tuple[type[BaseException], ...] = (
     MlflowException,
     requests.RequestException,
     OSError,
+    json.JSONDecodeError,
+    ParseError,
 )
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -77,6 +93,69 @@ def tracking_client(uri: str | None) -> MlflowClient:
 
 def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:"))
+
+
+def is_http(uri: str | None) -> bool:
+    """A tracking server (as opposed to a database or directory this process opens itself)."""
+    return str(uri or "").startswith(("http://", "https://"))
+
+
+# ---------------------------------------------------------------------------------------------
+# a server that does not answer
+
+
+#: Seconds between MLflow's HTTP retries grow as ``factor * 2**n``; 1 keeps them to seconds.
+_BACKOFF_FACTOR = 1
+
+
+def limit_http_retries(params: TrackingParams, uri: str | None) -> dict[str, str]:
+    """Bound MLflow's HTTP requests of this process to ``params.http_timeout_s`` per attempt and
+    ``params.http_max_retries`` retries a second or two apart, where the environment does not
+    set ``MLFLOW_HTTP_REQUEST_*`` already (a person's choice wins). The variables live in
+    ``os.environ`` because that is where MLflow reads them, at every request, and from where
+    the training driver hands them to its Ray workers. urllib3's warning at every retry is
+    silenced (the caller warns once, with the final error). Returns the values in force;
+    nothing changes for a store that is not a server."""
+    if not is_http(uri):
+        return {}
+    quiet_retry_warnings()
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(params.http_timeout_s),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(params.http_max_retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(_BACKOFF_FACTOR),
+    }
+    return {name: os.environ.setdefault(name, value) for name, value in wanted.items()}
+
+
+def quiet_retry_warnings() -> None:
+    """urllib3 warns at every retry of a request; the caller's one warning after the last (the
+    tracking fallback's) says all of it. For the processes that log to a server."""
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+def _tls_verify() -> bool | str:
+    """The TLS verification MLflow's own client would use (its two settings for it)."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return False
+    return os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+
+
+def probe_server(uri: str, timeout: float) -> str | None:
+    """None when the tracking server at ``uri`` answers within ``timeout`` seconds, else why
+    not (one line). One request, no retries: this is the short question asked before a long
+    run. Any answer below 500 counts (even 401/404: something is there); 5xx means the server
+    is there but cannot serve. Stores that are not servers are not probed."""
+    if not is_http(uri):
+        return None
+    try:
+        answer = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, verify=_tls_verify())
+    except requests.Timeout:
+        return f"no answer within {timeout:g} s"
+    except requests.RequestException as err:
+        return f"unreachable ({type(err).__name__}: {one_line(err, limit=200)})"
+    if answer.status_code >= 500:
+        return f"it answers HTTP {answer.status_code} ({one_line(answer.text or 'no body')})"
+    return None
 
 
 def _tag_kind(client: MlflowClient, experiment: Any) -> None:
@@ -133,13 +212,14 @@ def send_batch(
     params: Mapping[str, Any] | None = None,
     metrics: MetricRows | None = None,
     tags: Mapping[str, Any] | None = None,
+    timestamp_ms: int | None = None,
 ) -> None:
     """Params, metrics and tags into one run, in batches within MLflow's request limits (param
-    values cut to its 6000 characters)."""
+    values cut to its 6000 characters). Metrics are stamped ``timestamp_ms`` (default: now)."""
     items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in (params or {}).items()]
     for i in range(0, len(items), _MAX_PARAMS):
         client.log_batch(run_id, params=items[i : i + _MAX_PARAMS])
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
     values = [
         Metric(k, v, now, step) for step, row in _metric_rows(metrics or {}) for k, v in row.items()
     ]

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,16 @@ from typing import Any
 import mlflow
 import mlflow.pyfunc
 import numpy as np
+from mlflow.exceptions import MlflowException
 
-__all__ = ["CuganPyfunc", "log_restoration_model", "model_signature", "save_restoration_model"]
+__all__ = [
+    "CuganPyfunc",
+    "LoggedModel",
+    "log_restoration_model",
+    "log_saved_model",
+    "model_signature",
+    "save_restoration_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +147,11 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def _stage(staging: Path, mse_dir: Path, gan_dir: Path | None) -> tuple[dict[str, str], list[str]]:
-    """Copy only what the model needs: generator files and the two code packages."""
+def _stage(
+    staging: Path, mse_dir: Path, gan_dir: Path | None, code_root: Path = _REPO
+) -> tuple[dict[str, str], list[str]]:
+    """Copy only what the model needs: generator files and the two code packages (from this
+    checkout, or from ``code_root``: the code a saved model carries)."""
     artifacts = {}
     for name, src in (("mse", mse_dir), ("gan", gan_dir)):
         if src is None:
@@ -153,7 +165,7 @@ def _stage(staging: Path, mse_dir: Path, gan_dir: Path | None) -> tuple[dict[str
     for package in ("models", "pipeline"):
         dest = staging / "code" / package
         shutil.copytree(
-            _REPO / package, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            code_root / package, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
         )
         code.append(str(dest))
     return artifacts, code
@@ -170,6 +182,22 @@ def _kwargs(artifacts: dict[str, str], code: list[str]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class LoggedModel:
+    """Where :func:`log_restoration_model` put the model: its URI and, if it registered it,
+    the registered name and version (what the stage records in ``tracking.json``)."""
+
+    model_uri: str
+    registered_name: str | None = None
+    registered_version: str | None = None
+
+    @property
+    def registered(self) -> dict[str, str] | None:
+        if self.registered_name is None or self.registered_version is None:
+            return None
+        return {"name": self.registered_name, "version": self.registered_version}
+
+
 def log_restoration_model(
     *,
     tracking_uri: str,
@@ -177,21 +205,54 @@ def log_restoration_model(
     mse_dir: str | os.PathLike[str],
     gan_dir: str | os.PathLike[str] | None = None,
     registered_name: str | None = None,
-) -> str:
-    """Log the pyfunc model into run ``run_id`` (and register it); returns its model URI."""
+    code_root: str | os.PathLike[str] | None = None,
+) -> LoggedModel:
+    """Log the pyfunc model into run ``run_id`` (and register it as ``registered_name``)."""
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        artifacts, code = _stage(Path(tmp), Path(mse_dir), Path(gan_dir) if gan_dir else None)
+        artifacts, code = _stage(
+            Path(tmp),
+            Path(mse_dir),
+            Path(gan_dir) if gan_dir else None,
+            Path(code_root) if code_root is not None else _REPO,
+        )
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", registered_model_name=registered_name, **_kwargs(artifacts, code)
             )
+    version = getattr(info, "registered_model_version", None)
+    if registered_name is not None and version is None:
+        raise MlflowException(
+            f"MLflow logged {info.model_uri} but returned no registered version of "
+            f"{registered_name!r}"
+        )
     log.info(
         "MLflow: logged model %s%s",
         info.model_uri,
-        f", registered as {registered_name!r}" if registered_name else "",
+        f", registered as {registered_name!r} version {version}" if registered_name else "",
     )
-    return info.model_uri
+    return LoggedModel(
+        info.model_uri, registered_name, str(version) if version is not None else None
+    )
+
+
+def log_saved_model(
+    tracking_uri: str, run_id: str, saved_dir: Path, registered_name: str | None
+) -> tuple[str, str | None]:
+    """Log a model :func:`save_restoration_model` wrote (a tracking fallback's) into a run and
+    register it, exactly as the stage would have: the same generators and the code the saved
+    model carries. The :data:`pipeline.tracking.ModelLogger` of ``cugan tracking sync``."""
+    saved = Path(saved_dir)
+    gan = saved / "artifacts" / "gan"
+    logged = log_restoration_model(
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        mse_dir=saved / "artifacts" / "mse",
+        gan_dir=gan if gan.is_dir() else None,
+        registered_name=registered_name,
+        code_root=saved / "code",
+    )
+    return logged.model_uri, logged.registered_version
 
 
 def save_restoration_model(

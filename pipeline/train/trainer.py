@@ -446,29 +446,38 @@ def _log_model(
     model_dir: Path,
     init: Path | None,
 ) -> str | None:
-    """The pyfunc model: MSE generator, plus the GAN one for GAN stages (alpha blends them)."""
+    """The pyfunc model: MSE generator, plus the GAN one for GAN stages (alpha blends them).
+
+    The version it registered goes into ``model_dir/tracking.json`` (the retrain flow judges
+    exactly that version). Where MLflow is unavailable (from the start, or now), the model is
+    saved under the fallback directory and recorded there for ``cugan tracking sync``, and
+    tracking.json names no version."""
     from pipeline.train.pyfunc import log_restoration_model, save_restoration_model
 
     mse_dir, gan_dir = (model_dir, None) if sp.loss == "mse" else (init, model_dir)
     if mse_dir is None:  # a GAN stage trained from scratch: no MSE model to blend with
         mse_dir, gan_dir = model_dir, None
+    registered_name = stage if params.tracking.register_model else None
     if runlog.mode == "mlflow":
         try:
-            return log_restoration_model(
+            logged = log_restoration_model(
                 tracking_uri=target.uri,
                 run_id=target.run_id,
                 mse_dir=mse_dir,
                 gan_dir=gan_dir,
-                registered_name=stage if params.tracking.register_model else None,
+                registered_name=registered_name,
             )
         except TRACKING_ERRORS as err:
-            log.warning(
-                "MLflow: could not log the %s model (%s); saving it locally instead",
-                stage,
-                failure_line(err),
-            )
+            runlog.fall_back(f"log the {stage} model", err)  # one warning; the rest is local
+        else:
+            write_tracking_file(model_dir, target, f"train_{stage}", logged.registered)
+            return logged.model_uri
+    run_key = target.local_id or target.run_id or "run"  # an unsynced earlier run keeps its own
     path = save_restoration_model(
-        Path(target.fallback_dir) / f"model_{stage}", mse_dir=mse_dir, gan_dir=gan_dir
+        Path(target.fallback_dir) / f"model_{stage}-{run_key[:12]}",
+        mse_dir=mse_dir,
+        gan_dir=gan_dir,
     )
-    log.info("pyfunc model saved to %s", path)
+    runlog.record_saved_model(path, registered_name)
+    log.info("pyfunc model saved to %s (`cugan tracking sync` logs and registers it)", path)
     return None
