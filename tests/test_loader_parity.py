@@ -230,11 +230,13 @@ def test_z_encodes_applied_levels_and_blur_is_that_level(tmp_path):
         assert np.allclose(b["z"][:, 1] * 50.0, b["noise"], atol=1e-5)
         blur = torch.from_numpy(b["z"][:, 0].astype(np.float64) * 4.0)
         # context margins: the patch of the whole sub-image degraded at that level
-        expected = reference_patches(images, b, lambda w, i: degrade(w, float(blur[i]), 0.0))
+        expected = reference_patches(
+            images, b, lambda w, i, blur=blur: degrade(w, float(blur[i]), 0.0)
+        )
         assert np.abs(b["degraded"] - expected).max() <= 1 / 255 + 1e-6
         # ... and not some other level: a level 0.5 away is measurably worse.
         other_all = reference_patches(
-            images, b, lambda w, i: degrade(w, float(abs(blur[i] - 0.5)), 0.0)
+            images, b, lambda w, i, blur=blur: degrade(w, float(abs(blur[i] - 0.5)), 0.0)
         )
         for i in range(len(blur)):
             other = other_all[i : i + 1]

@@ -417,6 +417,9 @@ class DaliTrainLoader:
             "num_samples": shards.num_samples,
             "batch_size": cfg.batch_size,
             "pipeline": "cpu" if self._device_id is None else "gpu",
+            # ... and only a graph of the same operators (raw/png reading, level sampling)
+            "encoding": shards.encoding,
+            "sampling": deg.sampling,
         }
         self._len = batches_per_epoch(shards.num_samples, world_size, cfg.batch_size)
         self._pipeline_args = {
