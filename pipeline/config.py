@@ -217,8 +217,9 @@ class LoaderParams(_Section):
     batch_size: int = Field(16, gt=0)
     # DALI CPU threads per pipeline; torch backend: DataLoader worker processes.
     num_threads: int = Field(2, gt=0)
-    # DALI reader shuffle buffer (initial_fill) in samples; it holds encoded PNGs (~80 KB for a
-    # 192x192 sub-image: 2048 is ~160 MB per rank). The torch backend shuffles fully instead.
+    # DALI reader shuffle buffer (initial_fill) in samples; it holds the stored samples (raw:
+    # 108 KiB per 192x192 sub-image, 2048 is ~221 MiB per rank; PNG about half). The torch
+    # backend shuffles fully instead.
     shuffle_buffer: int = Field(2048, gt=0)
     # Batches prepared ahead (DALI prefetch_queue_depth; torch prefetch_factor per worker).
     prefetch: int = Field(2, gt=0)
