@@ -1,31 +1,39 @@
-"""Training-loader throughput: degraded crop x crop patches per second, three loaders, one run.
+"""Training-loader throughput: degraded crop x crop patches per second, several loaders, one run.
 
-Loaders, over the same shards, batch size, crop and number of workers (``--threads``):
+Loaders, over the same sub-images, batch size, crop and number of workers (``--threads``),
+each on the shard encodings of ``--encodings`` (``raw``: the shards stage's uint8 pixels, read
+by the crop window's rows; ``png``: decoded per sample):
 
-* ``dali``    our DALI pipeline (pipeline/data/dali_pipeline.py): CPU operators with
-              ``--threads`` DALI threads, or with ``--device gpu`` the mixed decoder and GPU
-              operators (run that on a machine with CUDA).
-* ``torch``   our pure-PyTorch loader (pipeline/data/torch_loader.py): PIL decode and the
-              reference ``pipeline.degradation.degrade`` in ``--threads`` DataLoader workers.
-* ``basicsr`` the field's usual recipe, as BasicSR/KAIR-style datasets do it: OpenCV decode,
-              numpy crop/flip/rotate, ``cv2.filter2D(..., BORDER_REPLICATE)`` with the 21x21
-              kernel, numpy Gaussian noise, 8-bit rounding, per-sample items collated by a
-              DataLoader with ``--threads`` workers (one OpenCV thread each).
+* ``dali/<enc>``  our DALI pipeline (pipeline/data/dali_pipeline.py): CPU operators with
+                  ``--threads`` DALI threads, or with ``--device gpu`` GPU operators (run that
+                  on a machine with CUDA). PNG: ROI decode of the context window.
+* ``torch/<enc>`` our pure-PyTorch loader (pipeline/data/torch_loader.py): raw rows or PIL
+                  decode, the reference ``pipeline.degradation.degrade`` in ``--threads``
+                  DataLoader workers.
+* ``basicsr/png`` the field's usual recipe, as BasicSR/KAIR-style datasets do it: OpenCV
+                  decode, numpy crop/flip/rotate, ``cv2.filter2D(..., BORDER_REPLICATE)`` with
+                  the 21x21 kernel on the cropped patch (no context margin), numpy Gaussian
+                  noise, 8-bit rounding, per-sample items collated by a DataLoader with
+                  ``--threads`` workers (one OpenCV thread each).
 
-All three produce the same thing (blur r on the 0.1 grid in [0, 4], noise sigma on the 1 grid
-in [0, 50], 8-bit degraded + clean patch + z), so samples/s compare like for like. Each loader
+All produce the same kind of batch (blur r on the 0.1 grid in [0, 4], noise sigma on the 1 grid
+in [0, 50], 8-bit degraded + clean patch + z), so samples/s compare like for like; ours also
+degrade a context window ``kernel_size // 2`` pixels wider per side than the patch. Each loader
 is warmed up, then timed for ``--seconds`` in ``--rounds`` interleaved rounds (every loader
 samples every period of the machine's drifting load); the table gives the median rate per
-loader and its ratio to ``basicsr`` from the same run -- compare ratios, not figures from
-different runs or machines.
+loader and its ratio to ``basicsr/png`` from the same run -- compare ratios, not figures from
+different runs or machines. The last line says which backend ``loader.backend: auto`` would
+pick from these figures (the decision code of pipeline/data/backend_choice.py). Timings mean
+something only on a quiet machine.
 
 Examples::
 
     .venv/bin/python benchmarks/loader.py --images ../shared/datasets/CBSD68 --threads 2
     .venv/bin/python benchmarks/loader.py --shards data/shards --threads 8 --device gpu
 
-``--images`` builds temporary shards (sub-images of ``--subimage-size``, like the extract and
-shards stages) from a folder of images; ``--shards`` uses an existing shards directory.
+``--images`` builds temporary shards in every encoding of ``--encodings`` (sub-images of
+``--subimage-size``, like the extract and shards stages) from a folder of images; ``--shards``
+uses an existing shards directory (its own encoding only).
 """
 
 from __future__ import annotations
@@ -50,10 +58,11 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from pipeline.condition import ConditionScale
 from pipeline.config import ExtractParams, Params, ShardParams, parse_params
+from pipeline.data.backend_choice import choose_backend
 from pipeline.data.batch import read_shard_set
-from pipeline.data.dali_pipeline import level_grid
 from pipeline.data.loader import build_train_loader
 from pipeline.data.torch_loader import SampleTable, read_sample_table
+from pipeline.degradation import level_grid
 
 log = logging.getLogger("benchmarks.loader")
 
@@ -62,7 +71,7 @@ log = logging.getLogger("benchmarks.loader")
 # temporary shards from a folder of images
 
 
-def build_shards(images_dir: Path, out_dir: Path, subimage_size: int) -> int:
+def build_shards(images_dir: Path, out_dir: Path, subimage_size: int, encoding: str) -> int:
     """Sub-images of every image in ``images_dir`` written as shards; returns the count."""
     from pipeline.data.extract import encode_png, subimage_grid, subimage_key
     from pipeline.data.shards import write_shards
@@ -82,12 +91,18 @@ def build_shards(images_dir: Path, out_dir: Path, subimage_size: int) -> int:
             continue
         stem = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)
         for y, x in subimage_grid(array.shape[0], array.shape[1], extract):
-            png = encode_png(array[y : y + subimage_size, x : x + subimage_size], 1)
-            samples.append({"key": subimage_key(stem, y, x), "png": png})
+            sub = np.ascontiguousarray(array[y : y + subimage_size, x : x + subimage_size])
+            data = sub.tobytes() if encoding == "raw" else encode_png(sub, 1)
+            samples.append({"key": subimage_key(stem, y, x), "data": data})
     if not samples:
         raise SystemExit(f"{images_dir}: no images of at least {subimage_size} pixels a side")
     write_shards(
-        samples, lambda s: s["png"], out_dir, ShardParams(max_count=256), crop_size=subimage_size
+        samples,
+        lambda s: s["data"],
+        out_dir,
+        ShardParams(max_count=256),
+        crop_size=subimage_size,
+        encoding=encoding,
     )
     return len(samples)
 
@@ -100,6 +115,8 @@ class BasicSRStyleDataset(torch.utils.data.Dataset):
     """One degraded patch per item, the way BasicSR-style datasets make them (see module doc)."""
 
     def __init__(self, table: SampleTable, params: Params, seed: int) -> None:
+        if table.encoding != "png":
+            raise SystemExit("the basicsr-style loader decodes PNG shards")
         self.table = table
         self.crop = params.loader.crop
         deg = params.degradation
@@ -178,7 +195,8 @@ def measure(batches: Iterator, batch_size: int, device: torch.device, seconds: f
 def open_loader(
     name: str, shards: Path, params: Params, device: torch.device, args: argparse.Namespace
 ) -> tuple[Iterator, str]:
-    """An endless batch iterator for one loader, and where its work runs."""
+    """An endless batch iterator for one loader (``dali``, ``torch``, ``basicsr``), and where
+    its work runs."""
     if name in ("dali", "torch"):
         p = params.model_copy(update={"loader": params.loader.model_copy(update={"backend": name})})
         loader = build_train_loader(shards, p, seed=args.seed, device=device)
@@ -232,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         help="gpu: DALI GPU pipeline, all batches delivered to cuda:0",
     )
     parser.add_argument("--loaders", default="dali,torch,basicsr")
+    parser.add_argument(
+        "--encodings", default="raw,png", help="shard encodings for --images (raw, png)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -255,39 +276,96 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(loaders) - {"dali", "torch", "basicsr"}
     if unknown:
         raise SystemExit(f"unknown loaders: {', '.join(sorted(unknown))}")
+    encodings = [e.strip() for e in args.encodings.split(",") if e.strip()]
+    if set(encodings) - {"raw", "png"} or not encodings:
+        raise SystemExit(f"--encodings must list raw and/or png (got {args.encodings!r})")
 
     with tempfile.TemporaryDirectory(prefix="cugan-bench-") as tmp:
-        shards = args.shards
+        shard_dirs: dict[str, Path] = {}
         if args.images is not None:
-            shards = Path(tmp) / "shards"
-            count = build_shards(args.images, shards, args.subimage_size)
+            for encoding in sorted(set(encodings) | ({"png"} if "basicsr" in loaders else set())):
+                shard_dirs[encoding] = Path(tmp) / f"shards-{encoding}"
+                count = build_shards(
+                    args.images, shard_dirs[encoding], args.subimage_size, encoding
+                )
             print(f"built {count} sub-images of {args.subimage_size}px from {args.images}")
-        num = read_shard_set(shards).num_samples
+        else:
+            shard_dirs[read_shard_set(args.shards).encoding] = args.shards
+        runs = [
+            (f"{name}/{enc}", name, enc)
+            for name in loaders
+            for enc in (["png"] if name == "basicsr" else encodings)
+            if enc in shard_dirs
+        ]
+        num = read_shard_set(next(iter(shard_dirs.values()))).num_samples
         print(f"command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
         print(
             f"{num} samples, batch {args.batch_size}, crop {args.crop}, {args.threads} "
             f"threads/workers, {os.cpu_count()} CPUs visible, {args.seconds:g} s per loader "
             f"in {args.rounds} interleaved rounds, batches delivered to {device}"
         )
-        opened = {name: open_loader(name, shards, params, device, args) for name in loaders}
-        for batches, _ in opened.values():  # start-up, first fills of the buffers
+        opened = {
+            label: open_loader(name, shard_dirs[enc], params, device, args)
+            for label, name, enc in runs
+        }
+        for label, (batches, _) in opened.items():  # start-up, first fills; a smoke test too
             for _ in range(args.warmup):
-                next(batches)
+                check_batch(label, next(batches), args)
         # Interleaved rounds: the machine's load drifts, so every loader samples every period.
-        rates: dict[str, list[float]] = {name: [] for name in loaders}
+        rates: dict[str, list[float]] = {label: [] for label in opened}
         for _ in range(args.rounds):
-            for name, (batches, _) in opened.items():
-                rates[name].append(
+            for label, (batches, _) in opened.items():
+                rates[label].append(
                     measure(batches, args.batch_size, device, args.seconds / args.rounds)
                 )
+        median = {label: float(np.median(r)) for label, r in rates.items()}
+        auto = auto_choice(median, params, shard_dirs, device, Path(tmp))
 
-    median = {name: float(np.median(r)) for name, r in rates.items()}
-    base = median.get("basicsr")
-    print(f"\n{'loader':<9} {'runs on':<8} {'samples/s':>10} {'min..max':>15} {'vs basicsr':>11}")
-    for name, rate in median.items():
+    base = median.get("basicsr/png")
+    print(f"\n{'loader':<12} {'runs on':<8} {'samples/s':>10} {'min..max':>15} {'vs basicsr':>11}")
+    for label, rate in median.items():
         ratio = f"{rate / base:.2f}x" if base else "-"
-        spread = f"{min(rates[name]):.0f}..{max(rates[name]):.0f}"
-        print(f"{name:<9} {opened[name][1]:<8} {rate:>10.1f} {spread:>15} {ratio:>11}")
+        spread = f"{min(rates[label]):.0f}..{max(rates[label]):.0f}"
+        print(f"{label:<12} {opened[label][1]:<8} {rate:>10.1f} {spread:>15} {ratio:>11}")
+    if auto is not None:
+        print(f"\nloader.backend auto here: {auto}")
+
+
+def check_batch(label: str, batch, args: argparse.Namespace) -> None:
+    """The smoke test of each loader: shapes, the 8-bit grid, z in [0, 1]."""
+    degraded, clean, z = batch
+    shape = (args.batch_size, 3, args.crop, args.crop)
+    ok = tuple(degraded.shape) == tuple(clean.shape) == shape and tuple(z.shape) == (
+        args.batch_size,
+        2,
+    )
+    ok = ok and bool(torch.allclose(degraded * 255, torch.round(degraded * 255), atol=1e-4))
+    ok = ok and bool((z >= 0).all() and (z <= 1).all())
+    if not ok:
+        raise SystemExit(f"{label}: malformed batch {tuple(degraded.shape)}, {tuple(z.shape)}")
+
+
+def auto_choice(
+    median: dict[str, float],
+    params: Params,
+    shard_dirs: dict[str, Path],
+    device: torch.device,
+    cache_dir: Path,
+) -> str | None:
+    """What ``loader.backend: auto`` picks with these figures as its probe (raw shards first)."""
+    for enc in ("raw", "png"):
+        if f"dali/{enc}" in median and f"torch/{enc}" in median:
+            rates = {"dali": median[f"dali/{enc}"], "torch": median[f"torch/{enc}"]}
+            choice = choose_backend(
+                params,
+                read_shard_set(shard_dirs[enc]),
+                device,
+                build=lambda name: None,  # never called: the probe below is the measurement
+                cache=cache_dir / "loader-backend.json",
+                probe=lambda _build, rates=rates: rates,
+            )
+            return f"{choice.name} ({enc} shards; {choice.reason})"
+    return None
 
 
 if __name__ == "__main__":

@@ -65,9 +65,16 @@ class DegradationParams(_Section):
     kernel_size: int = Field(21, gt=0)
     blur_max: float = Field(4.0, gt=0)
     noise_max: float = Field(50.0, gt=0)
-    # Training samples levels uniformly on this grid (method doc: 0.1 and 1).
+    # Training draws levels on this grid (method doc: 0.1 and 1).
     blur_step: float = Field(0.1, gt=0)
     noise_step: float = Field(1.0, gt=0)
+    # How training draws (blur, noise) per sample (pipeline.degradation.sample_levels, and the
+    # same distribution inside the DALI graph). uniform: both levels independent and uniform
+    # on the grid. authors: the mixture of the authors' generate_2groups.m on this grid -- half
+    # the samples get one degradation (blur only or noise only, a quarter each), the others
+    # both; a level is grid point round(U * K), U ~ Uniform(0, 1) = Beta(1, 1), K = max / step
+    # (the two end points get half the mass of the others).
+    sampling: Literal["uniform", "authors"] = "uniform"
 
     @model_validator(mode="after")
     def _odd_kernel(self) -> DegradationParams:
@@ -199,8 +206,10 @@ class LoaderParams(_Section):
     (its grid and maxima), so training, z and the evaluation sets share one definition."""
 
     # dali: fn.readers.webdataset + degradation in DALI. torch: DataLoader workers + the
-    # reference pipeline.degradation (the fallback, and the oracle in tests).
-    backend: Literal["dali", "torch"] = "dali"
+    # reference pipeline.degradation (the fallback, and the oracle in tests). auto: DALI when
+    # its pipeline runs on a GPU; on the CPU whichever of the two a short probe measured faster
+    # on this machine (cached per machine and setup; pipeline/data/backend_choice.py).
+    backend: Literal["auto", "dali", "torch"] = "auto"
     # Where the DALI pipeline runs. auto: on the GPU (mixed decoder + GPU ops) when the loader
     # delivers to a CUDA device and CUDA is available, else on the CPU. gpu: require CUDA.
     device: Literal["auto", "cpu", "gpu"] = "auto"
@@ -208,8 +217,9 @@ class LoaderParams(_Section):
     batch_size: int = Field(16, gt=0)
     # DALI CPU threads per pipeline; torch backend: DataLoader worker processes.
     num_threads: int = Field(2, gt=0)
-    # DALI reader shuffle buffer (initial_fill) in samples; it holds encoded PNGs (~80 KB for a
-    # 192x192 sub-image: 2048 is ~160 MB per rank). The torch backend shuffles fully instead.
+    # DALI reader shuffle buffer (initial_fill) in samples; it holds the stored samples (raw:
+    # 108 KiB per 192x192 sub-image, 2048 is ~221 MiB per rank; PNG about half). The torch
+    # backend shuffles fully instead.
     shuffle_buffer: int = Field(2048, gt=0)
     # Batches prepared ahead (DALI prefetch_queue_depth; torch prefetch_factor per worker).
     prefetch: int = Field(2, gt=0)

@@ -16,6 +16,11 @@ Semantics, all following the authors' MATLAB pipeline:
   ``im2uint8`` does (``uint8()`` rounds half away from zero; on non-negative values that is
   half up). ``torch.round`` would round half to even, which differs on exact ``.5`` values.
 
+Context margins: ``border="valid"`` blurs without padding (the output is ``size - 1`` pixels
+smaller per axis), for the training loaders, which degrade a window of the sub-image that is
+``size // 2`` pixels larger than the patch on every side and keep only its centre; so a patch's
+blur equals the blur of the whole sub-image cropped (docs/data.md, "Degradation").
+
 Blur is implemented as two 1-D passes (the Gaussian is separable; a 21-tap pass costs 2 x 21
 multiply-adds per pixel instead of 441), with per-sample kernels in one grouped convolution, so
 a batch may mix blur levels. The separable kernel differs from MATLAB's 2-D one only by the
@@ -27,6 +32,12 @@ the image dtype. Float32 (the default everywhere in the pipeline) carries about 
 error, i.e. ~3e-5 grey levels, so an 8-bit result can differ from a float64 computation only
 where the exact value lies within that distance of a rounding boundary ``k + 0.5``. Pass
 float64 tensors where bit-exact agreement with a float64 reference matters.
+
+Level sampling (:func:`sample_levels`, ``degradation.sampling``): ``uniform`` draws both levels
+uniformly on the grid; ``authors`` is the mixture of the authors' ``generate_2groups.m`` on the
+same grid (one degradation for half the samples, both for the others; levels ``round(U * K)``
+grid steps with ``U ~ Uniform(0, 1)``). The DALI graph draws the same distributions from the
+constants defined here.
 
 All functions are pure: randomness comes only from the generator argument.
 """
@@ -45,11 +56,15 @@ from torch import Tensor
 from pipeline.config import DegradationParams
 
 __all__ = [
+    "AUTHORS_BLUR_ONLY",
+    "AUTHORS_SINGLE",
     "KERNEL_SIZE",
+    "Border",
     "blur",
     "degrade",
     "gaussian_kernel1d",
     "gaussian_kernel2d",
+    "level_grid",
     "quantize",
     "sample_levels",
     "to_tensor",
@@ -62,6 +77,14 @@ KERNEL_SIZE = 21
 _MATLAB_EPS = float(np.finfo(np.float64).eps)
 
 LevelsLike = float | int | Sequence[float] | Tensor | np.ndarray
+
+#: ``replicate``: pad by replicating the outermost pixels (``imfilter(..., 'replicate')``), the
+#: output has the input's size. ``valid``: no padding; the input carries the context itself.
+Border = Literal["replicate", "valid"]
+
+# The authors' level mixture (generate_2groups.m): P(one degradation) and, given one, P(blur).
+AUTHORS_SINGLE = 0.5
+AUTHORS_BLUR_ONLY = 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +187,7 @@ def blur(
     size: int = KERNEL_SIZE,
     *,
     method: Literal["separable", "direct"] = "separable",
+    border: Border = "replicate",
 ) -> Tensor:
     """Gaussian blur with replicate border, one std per sample (``imfilter(..., 'replicate')``).
 
@@ -173,21 +197,32 @@ def blur(
         size: odd kernel size (21 in the method).
         method: ``"separable"`` (two 1-D passes, the default) or ``"direct"`` (the 2-D MATLAB
             kernel, 441 instead of 42 multiply-adds per pixel; the literal reference).
+        border: ``"replicate"`` (the method's) or ``"valid"``: no padding, the result is
+            ``[B, C, H - size + 1, W - size + 1]`` (context-margin windows of the loaders).
     """
     _check_image(img)
-    return _blur(img, sigma, size, method)
+    return _blur(img, sigma, size, method, border)
 
 
-def _blur(img: Tensor, sigma: LevelsLike, size: int, method: str) -> Tensor:
+def _blur(img: Tensor, sigma: LevelsLike, size: int, method: str, border: str) -> Tensor:
     _check_size(size)
     b, c, h, w = img.shape
     sigmas = _as_levels(sigma, b, "blur")
-    if bool((sigmas == 0).all()):
-        return img.clone()
     half = (size - 1) // 2
-    # Replicate padding of both axes, then valid correlations: a clamped index is separable,
-    # so padding once in 2-D and filtering rows then columns equals 2-D filtering.
-    padded = F.pad(img, (half, half, half, half), mode="replicate")
+    if border == "replicate":
+        # Replicate padding of both axes, then valid correlations: a clamped index is
+        # separable, so padding once in 2-D and filtering rows then columns equals 2-D filtering.
+        if bool((sigmas == 0).all()):
+            return img.clone()
+        padded = F.pad(img, (half, half, half, half), mode="replicate")
+    elif border == "valid":
+        if h < size or w < size:
+            raise ValueError(f"a valid blur needs at least {size}x{size} pixels (got {h}x{w})")
+        if bool((sigmas == 0).all()):
+            return img[..., half : h - half, half : w - half].clone()
+        padded, h, w = img, h - 2 * half, w - 2 * half
+    else:
+        raise ValueError(f"blur border must be 'replicate' or 'valid' (got {border!r})")
     flat = padded.reshape(1, b * c, h + 2 * half, w + 2 * half)
     if method == "separable":
         k1 = _kernels1d(sigmas, size).to(device=img.device, dtype=img.dtype)
@@ -234,6 +269,7 @@ def degrade(
     generator: torch.Generator | None = None,
     quantize: bool = True,
     kernel_size: int = KERNEL_SIZE,
+    border: Border = "replicate",
 ) -> Tensor:
     """Blur -> add ``noise/255 * N(0,1)`` -> clip -> round to ``k/255`` (the method's model).
 
@@ -251,11 +287,14 @@ def degrade(
         quantize: clip and round to 8 bits (True, as a saved PNG); False returns the raw
             ``blurred + noise`` (unclipped), for tests and analysis.
         kernel_size: odd blur kernel size (21 in the method).
+        border: ``"replicate"`` (the method's) or ``"valid"``: ``img`` is a context window
+            ``kernel_size // 2`` pixels larger per side than the result (see :func:`blur`);
+            noise is drawn for the result's pixels only.
     """
     _check_image(img)
     b = img.shape[0]
     noise_levels = _as_levels(noise, b, "noise")
-    blurred = _blur(img, blur, kernel_size, "separable")
+    blurred = _blur(img, blur, kernel_size, "separable", border)
     out = blurred
     if generator is None and bool((noise_levels > 0).any()):
         raise ValueError("degrade() needs an explicit torch.Generator when noise > 0")
@@ -263,7 +302,7 @@ def degrade(
         per_sample = []
         for i in range(b):
             n = torch.randn(
-                img.shape[1:], generator=generator, dtype=img.dtype, device=generator.device
+                blurred.shape[1:], generator=generator, dtype=img.dtype, device=generator.device
             )
             per_sample.append(n.to(img.device) * (float(noise_levels[i]) / 255.0))
         out = blurred + torch.stack(per_sample)
@@ -276,22 +315,42 @@ def degrade(
 # level sampling
 
 
-def _grid(maximum: float, step: float, name: str) -> Tensor:
+def level_grid(maximum: float, step: float) -> list[float]:
+    """``[0, step, ..., maximum]``: the grid training levels are drawn from (checked to fit)."""
     steps = maximum / step
     count = round(steps)
     if abs(steps - count) > 1e-9 * max(1.0, steps):
-        raise ValueError(f"{name}_max={maximum:g} is not a multiple of {name}_step={step:g}")
+        raise ValueError(f"maximum {maximum:g} is not a multiple of the step {step:g}")
     # round() removes the binary noise of k * 0.1 so grid values print as 0.3, not 0.30000000004.
-    return torch.tensor([round(k * step, 10) for k in range(count + 1)], dtype=torch.float64)
+    return [round(k * step, 10) for k in range(count + 1)]
+
+
+def _grid(maximum: float, step: float, name: str) -> Tensor:
+    try:
+        return torch.tensor(level_grid(maximum, step), dtype=torch.float64)
+    except ValueError:
+        raise ValueError(
+            f"{name}_max={maximum:g} is not a multiple of {name}_step={step:g}"
+        ) from None
 
 
 def sample_levels(
     n: int, generator: torch.Generator, params: DegradationParams | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Draw ``n`` (blur, noise) pairs uniformly over the grid points (float32 CPU tensors).
+    """Draw ``n`` (blur, noise) pairs on the grid, as ``params.sampling`` says (float32, CPU).
 
     Grid: ``0, blur_step, ..., blur_max`` x ``0, noise_step, ..., noise_max`` (41 x 51 points
-    with the method's defaults); blur and noise are independent, so every pair is equally likely.
+    with the method's defaults).
+
+    * ``uniform``: blur and noise independent and uniform over their grid points, so every
+      pair is equally likely. Draws two ``randint`` vectors of ``n``.
+    * ``authors``: per sample, with probability :data:`AUTHORS_SINGLE` one degradation --
+      blur only with probability :data:`AUTHORS_BLUR_ONLY`, else noise only -- otherwise both.
+      A drawn level is grid point ``floor(U * K + 0.5)`` (MATLAB ``round(betarnd(1,1) * K)``;
+      ``U ~ Uniform(0, 1)``, ties have probability 0), so the end points 0 and ``K`` have
+      probability ``1 / (2K)`` and the others ``1 / K``; P(blur = 0) = 1/4 + 3/4 * 1/(2 K_blur)
+      (0.259 on the default grid). Draws one ``[n, 4]`` float64 uniform tensor: every sample
+      consumes its four numbers whether it uses them or not.
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative integer (got {n!r})")
@@ -300,9 +359,26 @@ def sample_levels(
     params = params or DegradationParams()
     blur_grid = _grid(params.blur_max, params.blur_step, "blur")
     noise_grid = _grid(params.noise_max, params.noise_step, "noise")
-    bi = torch.randint(len(blur_grid), (n,), generator=generator, device=generator.device).cpu()
-    ni = torch.randint(len(noise_grid), (n,), generator=generator, device=generator.device).cpu()
+    if params.sampling == "uniform":
+        bi = torch.randint(len(blur_grid), (n,), generator=generator, device=generator.device)
+        ni = torch.randint(len(noise_grid), (n,), generator=generator, device=generator.device)
+        bi, ni = bi.cpu(), ni.cpu()
+    elif params.sampling == "authors":
+        u = torch.rand(
+            (n, 4), generator=generator, dtype=torch.float64, device=generator.device
+        ).cpu()
+        single = u[:, 0] < AUTHORS_SINGLE
+        blur_only = u[:, 1] < AUTHORS_BLUR_ONLY
+        bi = _rounded_index(u[:, 2], len(blur_grid) - 1) * ~(single & ~blur_only)
+        ni = _rounded_index(u[:, 3], len(noise_grid) - 1) * ~(single & blur_only)
+    else:  # the config validates it; a programming error otherwise
+        raise ValueError(f"unknown degradation.sampling {params.sampling!r}")
     return blur_grid[bi].to(torch.float32), noise_grid[ni].to(torch.float32)
+
+
+def _rounded_index(u: Tensor, top: int) -> Tensor:
+    """Grid index ``round(u * top)`` for ``u`` in [0, 1) (half up; ties have probability 0)."""
+    return torch.floor(u * top + 0.5).long().clamp_(0, top)
 
 
 # ---------------------------------------------------------------------------------------------

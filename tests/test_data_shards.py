@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 
@@ -178,16 +177,70 @@ def test_shards_from_extracted_subimages_decode_to_the_crops(tmp_path):
     extract_subimages(tmp_path / "prep", tmp_path / "sub", ExtractParams(crop_size=32, step=16))
     manifest = shard_subimages(tmp_path / "sub", tmp_path / "shards", ShardParams(max_count=5))
     assert manifest["crop_size"] == 32
+    assert manifest["encoding"] == "raw"  # the stage stores decoded pixels (shards.py docstring)
     index = json.loads((tmp_path / "sub" / "index.json").read_text())
     assert manifest["num_samples"] == index["num_subimages"]
     entry = manifest["shards"][0]
     with tarfile.open(tmp_path / "shards" / entry["tar"]) as tf:
         m = tf.getmembers()[0]
-        crop = np.asarray(Image.open(io.BytesIO(tf.extractfile(m).read())))
-    image, rest = m.name.removesuffix(".png").rsplit("-y", 1)
+        crop = np.frombuffer(tf.extractfile(m).read(), np.uint8).reshape(32, 32, 3)
+    image, rest = m.name.removesuffix(".rgb").rsplit("-y", 1)
     y, x = (int(v) for v in rest.split("-x"))
     full = np.asarray(Image.open(tmp_path / "prep" / "train" / f"{image}.png"))
     assert np.array_equal(crop, full[y : y + 32, x : x + 32])
+
+
+def test_raw_samples_are_checked_named_and_recorded(tmp_path):
+    items = [{"key": f"img{i:03d}-y0-x0", "raw": textured(16, 16, i).tobytes()} for i in range(5)]
+    out = tmp_path / "shards"
+    manifest = write_shards(
+        items, lambda s: s["raw"], out, ShardParams(max_count=3), crop_size=16, encoding="raw"
+    )
+    assert manifest["encoding"] == "raw" and read_shards_json(out) == manifest
+    by_key = {s["key"]: s["raw"] for s in items}
+    for entry in manifest["shards"]:
+        lines = (out / entry["index"]).read_text().splitlines()[1:]
+        assert all(line.startswith("rgb ") for line in lines)  # DALI's ext is "rgb"
+        with tarfile.open(out / entry["tar"]) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                assert ext == "rgb" and tf.extractfile(m).read() == by_key[key]
+    with pytest.raises(ShardError, match="expected 16x16x3"):
+        write_shards(
+            items,
+            lambda s: s["raw"][:-3],
+            tmp_path / "bad",
+            ShardParams(),
+            crop_size=16,
+            encoding="raw",
+        )
+    with pytest.raises(ShardError, match="unknown sample encoding"):
+        write_shards(
+            items,
+            lambda s: s["raw"],
+            tmp_path / "bad",
+            ShardParams(),
+            crop_size=16,
+            encoding="jpeg",
+        )
+    assert not (tmp_path / "bad").exists()
+
+
+def test_png_to_raw_and_legacy_manifest_default(tmp_path):
+    from pipeline.data.shards import png_to_raw
+
+    image = textured(16, 16, 3)
+    assert png_to_raw(encode_png(image, 1), 16, "k") == image.tobytes()
+    with pytest.raises(ShardError, match="expected RGB 16x16"):
+        png_to_raw(encode_png(textured(16, 20, 3), 1), 16, "k")
+    out, manifest = write(tmp_path, samples(3))
+    assert manifest["encoding"] == "png"
+    legacy = {k: v for k, v in manifest.items() if k != "encoding"}  # written before "raw"
+    (out / "shards.json").write_text(json.dumps(legacy))
+    assert "encoding" not in read_shards_json(out)  # readers take it as png
+    (out / "shards.json").write_text(json.dumps(manifest | {"encoding": "webp"}))
+    with pytest.raises(ShardError, match="unknown sample encoding"):
+        read_shards_json(out)
 
 
 def test_webdataset_reads_the_shards(tmp_path):

@@ -127,6 +127,25 @@ def as_batch(images: list[np.ndarray]) -> torch.Tensor:
     return stacked.float() / 255.0
 
 
+def reference_patches(images: dict[str, np.ndarray], b: dict[str, np.ndarray], whole_fn):
+    """Each sample's patch of ``whole_fn(sub_image [1, 3, H, W] float64, i)`` -- the WHOLE
+    sub-image degraded, then cropped at the drawn position and flipped as drawn (what a
+    context-margin patch must equal)."""
+    out = []
+    for i in range(len(b["blur"])):
+        whole = as_batch([images[key_of(b["source_info"][i])]]).double()
+        top, left = (int(v) for v in b["top_left"][i])
+        patch = whole_fn(whole, i)[0, :, top : top + CROP, left : left + CROP]
+        if b["hflip"][i]:
+            patch = patch.flip(-1)
+        if b["vflip"][i]:
+            patch = patch.flip(-2)
+        if b["transpose"][i]:
+            patch = patch.transpose(-1, -2)
+        out.append(patch)
+    return torch.stack(out).numpy()
+
+
 # ---------------------------------------------------------------------------------------------
 # degradation parity (test entry: run_degradation)
 
@@ -204,18 +223,23 @@ def test_gpu_degradation_matches_reference():
 
 
 def test_z_encodes_applied_levels_and_blur_is_that_level(tmp_path):
-    make_shards(tmp_path, 8)
+    images = make_shards(tmp_path, 8)
     batches = run_batches(build_train_pipeline(**pipeline_args(tmp_path, noise_values=[0.0])), 3)
     for b in batches:
         assert np.allclose(b["z"][:, 0] * 4.0, b["blur"], atol=1e-6)
         assert np.allclose(b["z"][:, 1] * 50.0, b["noise"], atol=1e-5)
-        clean = torch.from_numpy(b["clean"]).double()
         blur = torch.from_numpy(b["z"][:, 0].astype(np.float64) * 4.0)
-        expected = degrade(clean, blur, 0.0).numpy()
+        # context margins: the patch of the whole sub-image degraded at that level
+        expected = reference_patches(
+            images, b, lambda w, i, blur=blur: degrade(w, float(blur[i]), 0.0)
+        )
         assert np.abs(b["degraded"] - expected).max() <= 1 / 255 + 1e-6
         # ... and not some other level: a level 0.5 away is measurably worse.
+        other_all = reference_patches(
+            images, b, lambda w, i, blur=blur: degrade(w, float(abs(blur[i] - 0.5)), 0.0)
+        )
         for i in range(len(blur)):
-            other = degrade(clean[i : i + 1], float(abs(blur[i] - 0.5)), 0.0).numpy()
+            other = other_all[i : i + 1]
             if not np.array_equal(other, expected[i : i + 1]):
                 assert np.abs(b["degraded"][i] - other).max() > 1 / 255
     levels = np.concatenate([b["blur"] for b in batches])
@@ -253,10 +277,11 @@ def test_clean_patch_is_a_flipped_or_transposed_window_of_the_sample(tmp_path):
 
 
 def test_blur_only_degraded_is_blurred_clean_up_to_quantisation(tmp_path):
-    make_shards(tmp_path, 8)
+    images = make_shards(tmp_path, 8)
     args = pipeline_args(tmp_path, blur_values=[2.0], noise_values=[0.0])
     for b in run_batches(build_train_pipeline(**args), 2):
-        expected = quantize(ref_blur(torch.from_numpy(b["clean"]).double(), 2.0)).numpy()
+        # the blurred clean SUB-IMAGE (context margins), cropped and flipped like the patch
+        expected = reference_patches(images, b, lambda w, i: quantize(ref_blur(w, 2.0)))
         assert np.abs(b["degraded"] - expected).max() <= 1 / 255 + 1e-6
 
 
@@ -330,7 +355,9 @@ def test_restored_loader_continues_with_the_same_batches(tmp_path, stop):
 
 def test_state_from_another_world_size_restarts_the_epoch(tmp_path, caplog):
     make_shards(tmp_path, 8)
-    params = parse_params({"loader": {"crop": CROP, "batch_size": 2, "num_threads": 1}})
+    params = parse_params(
+        {"loader": {"crop": CROP, "batch_size": 2, "num_threads": 1, "backend": "dali"}}
+    )
     first = build_train_loader(tmp_path, params, seed=4)
     _consume(first, 5)
     state = first.state_dict()

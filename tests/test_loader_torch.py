@@ -19,13 +19,15 @@ from pipeline.data.shards import write_shards
 from pipeline.data.torch_loader import (
     TorchTrainLoader,
     batch_generator,
+    context_window,
     decode_rgb,
+    degrade_patches,
+    draw_patch,
     epoch_order,
-    random_patch,
     read_index,
     read_sample_table,
 )
-from pipeline.degradation import degrade, sample_levels
+from pipeline.degradation import sample_levels
 
 SIZE, CROP = 24, 16
 
@@ -87,14 +89,16 @@ def test_batch_is_exactly_the_reference_pipeline(shards):
     ids = epoch_order(len(table), 9, 1)[4:6].tolist()
     gen = batch_generator(9, 0, 1, 2)
     files: dict[int, int] = {}
-    clean = (
-        torch.stack(
-            [random_patch(decode_rgb(table.read(i, files)), CROP, gen) for i in ids]
-        ).float()
-        / 255
-    )
+    windows, draws = [], []
+    for i in ids:
+        image = decode_rgb(table.read(i, files)).float() / 255
+        draw = draw_patch(SIZE, SIZE, CROP, gen)
+        win = context_window(SIZE, SIZE, draw.top, draw.left, CROP, 10)
+        part = image[:, win.y0 : win.y1, win.x0 : win.x1]
+        windows.append(torch.nn.functional.pad(part[None], win.pad, mode="replicate")[0])
+        draws.append(draw)
     blur, noise = sample_levels(2, gen, params().degradation)
-    degraded = degrade(clean, blur, noise, generator=gen)
+    degraded, clean = degrade_patches(torch.stack(windows), draws, blur, noise, gen, 21)
     assert torch.equal(got.clean, clean)
     assert torch.equal(got.degraded, degraded)
     assert torch.equal(got.z, DEFAULT_SCALE.to_z(blur, noise))

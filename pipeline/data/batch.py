@@ -26,7 +26,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from pipeline.data.shards import read_shards_json
+from pipeline.data.shards import SAMPLE_EXT, read_shards_json
 
 __all__ = [
     "Batch",
@@ -92,17 +92,32 @@ class TrainLoader(Protocol):
 
 @dataclass(frozen=True)
 class ShardSet:
-    """The validated content of ``shards.json``: absolute tar/index paths and counts."""
+    """The validated content of ``shards.json``: absolute tar/index paths and counts.
+
+    ``encoding`` is how a sample is stored (:mod:`pipeline.data.shards`): ``raw`` -- uint8
+    ``crop_size x crop_size x 3`` pixels, member extension :attr:`ext` ``rgb`` -- or ``png``.
+    """
 
     root: Path
     tars: tuple[Path, ...]
     indices: tuple[Path, ...]
     counts: tuple[int, ...]
     crop_size: int
+    encoding: str = "png"
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
+
+    @property
+    def ext(self) -> str:
+        """The tar member extension of a sample (the webdataset reader's ``ext``)."""
+        return SAMPLE_EXT[self.encoding]
+
+    @property
+    def raw_shape(self) -> tuple[int, int, int]:
+        """``(H, W, 3)`` of a ``raw`` sample."""
+        return (self.crop_size, self.crop_size, 3)
 
 
 def read_shard_set(shards_dir: str | Path) -> ShardSet:
@@ -125,6 +140,7 @@ def read_shard_set(shards_dir: str | Path) -> ShardSet:
         indices=tuple(root / e["index"] for e in entries),
         counts=tuple(int(e["count"]) for e in entries),
         crop_size=crop_size,
+        encoding=meta.get("encoding", "png"),  # read_shards_json checked it
     )
 
 

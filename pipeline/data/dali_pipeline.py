@@ -1,35 +1,40 @@
-"""The DALI training pipeline: webdataset shards -> crops -> blur/noise/8-bit degradation.
+"""The DALI training pipeline: webdataset shards -> context windows -> degraded patch pairs.
 
 Everything per sample happens inside DALI, on the GPU when the loader targets a CUDA device
-(``fn.decoders.image(device="mixed")``; every later image operator then runs on the GPU because
-its input lives there) and on the CPU otherwise (``device_id=None``, CPU operators only). The
-random numbers are DALI CPU nodes fed to the image operators as per-sample arguments.
+(every image operator then runs on the GPU: ``png`` samples are decoded by the ``mixed``
+decoder, ``raw`` windows are cut on the CPU and copied) and on the CPU otherwise
+(``device_id=None``, CPU operators only). The random numbers are DALI CPU nodes fed to the
+image operators as per-sample arguments. The graph pieces live in
+:mod:`pipeline.data.dali_graph`.
 
-Per sample, matching :func:`pipeline.degradation.degrade` (tests/test_loader_parity.py):
+Per sample, matching the torch reference (:mod:`pipeline.data.torch_loader`,
+:func:`pipeline.degradation.degrade`; tests/test_loader_parity.py):
 
-1. ``fn.readers.webdataset`` with the wds2idx index files, one ``png`` component per sample
-   (a missing one is an error, not an empty tensor), ``shard_id=rank, num_shards=world_size``,
-   a shuffle buffer, ``pad_last_batch`` so every rank yields the same number of batches.
-2. Decode to RGB; a ``crop x crop`` window at a uniformly drawn integer position; a random
-   horizontal flip, vertical flip and transpose -- the 8 flips/90-degree rotations with equal
-   probability, done by exact index permutations (``fn.flip``; ``fn.transpose`` under a DALI
-   conditional) rather than ``fn.rotate``, whose 90-degree exactness rests on interpolation
-   rounding. This is the *clean* patch; the degradation is applied to it, so the two are
-   aligned by construction.
-3. Levels drawn uniformly on the method's grid (``fn.random.uniform(values=grid)``): blur std
-   ``r`` (step 0.1 in [0, 4]) and noise std ``sigma`` (step 1 in [0, 50]).
-4. Blur: a per-sample normalised Gaussian built in the graph from ``r`` and applied as two
-   1-D ``fn.filter`` passes with ``border="clamp"`` (replicate; ``fn.gaussian_blur`` reflects,
-   which the method does not). A clamped index is separable, so the two passes equal the 21x21
-   2-D filter with replicate border, at 2x21 instead of 441 multiply-adds per pixel. ``r = 0``
-   yields a delta kernel (exp underflows off-centre), i.e. no blur.
-5. Noise: ``fn.noise.gaussian`` on the float image with per-sample std ``sigma / 255`` (no
-   saturation: the image is float, not uint8).
-6. Quantise: clamp to [0, 1], ``floor(255 x + 0.5) / 255`` (round half up, as ``im2uint8``).
-7. ``z = [r / blur_max, sigma / noise_max]`` from the same nodes that drove the operators.
+1. ``fn.readers.webdataset`` with the wds2idx index files, one component per sample (``rgb``
+   for ``raw`` shards, ``png`` otherwise; a missing one is an error, not an empty tensor),
+   ``shard_id=rank, num_shards=world_size``, a shuffle buffer, ``pad_last_batch`` so every
+   rank yields the same number of batches.
+2. Geometry: a ``crop x crop`` patch at a uniformly drawn integer position of the sub-image,
+   and its context window ``r = kernel_size // 2`` pixels larger per side, clamped into the
+   sub-image. The sub-image's size comes from the encoded bytes (``fn.peek_image_shape``) for
+   PNG -- not from ``shape()`` of a decoded (GPU) tensor -- and from ``shards.json`` for raw.
+3. Only the window is decoded: ``fn.decoders.image_slice`` (ROI decoding) for PNG; a
+   ``fn.slice`` of the reshaped bytes for raw (no decoding at all).
+4. Levels per ``degradation.sampling`` (:func:`~pipeline.data.dali_graph.level_nodes`):
+   uniform on the grid, or the authors' single/double mixture, from the same constants as
+   :func:`pipeline.degradation.sample_levels`.
+5. Blur the window (two 1-D ``fn.filter`` passes, ``border="clamp"`` = replicate), keep the
+   central patch: the blur of a patch equals the blur of the whole sub-image (replicate border)
+   cropped. The clean patch is the same centre of the window.
+6. Noise ``fn.noise.gaussian`` with std ``sigma / 255`` on the float patch; clamp to [0, 1],
+   ``floor(255 x + 0.5) / 255`` (round half up, as ``im2uint8``).
+7. The same random horizontal flip, vertical flip and transpose on the degraded and the clean
+   patch (8 flips/90-degree rotations, exact index permutations).
+8. ``z = [r / blur_max, sigma / noise_max]`` from the same nodes that drove the operators.
 
-:func:`run_degradation` runs steps 4-6 alone on given images and levels (external source), the
-test entry that pins DALI to the torch reference.
+:func:`run_degradation` (whole images) and :func:`run_patch_degradation` (patches at given
+positions, through the training graph's window path) run steps 5-6 on given images and levels
+(external source): the test entries that pin DALI to the torch reference.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from nvidia import dali
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -57,6 +61,17 @@ from pipeline.data.batch import (
     check_compatible,
     position,
 )
+from pipeline.data.dali_graph import (
+    add_noise_and_quantize,
+    chw,
+    degrade_nodes,
+    flip_pair,
+    level_nodes,
+    patch_geometry,
+    window_blur,
+    window_geometry,
+)
+from pipeline.degradation import level_grid
 
 __all__ = [
     "DEBUG_OUTPUTS",
@@ -67,6 +82,7 @@ __all__ = [
     "level_grid",
     "rank_seed",
     "run_degradation",
+    "run_patch_degradation",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,15 +94,6 @@ OUTPUTS = ("degraded", "clean", "z")
 # geometry actually drawn and the reader's "<tar>:<offset>:<member>" source info (zero-padded).
 DEBUG_OUTPUTS = ("blur", "noise", "top_left", "hflip", "vflip", "transpose", "source_info")
 
-# Any sigma below this gives a delta kernel: exp(-1 / (2 * 1e-6)) underflows to 0 in float32.
-_MIN_SIGMA = 1e-3
-
-
-def level_grid(maximum: float, step: float) -> list[float]:
-    """``[0, step, ..., maximum]``, rounded like :func:`pipeline.degradation.sample_levels`."""
-    count = round(maximum / step)
-    return [round(k * step, 10) for k in range(count + 1)]
-
 
 def rank_seed(seed: int, rank: int) -> int:
     """A 31-bit seed for one rank's pipeline, independent across ranks."""
@@ -95,63 +102,41 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# graph pieces (called inside a pipeline definition)
-
-
-def _gaussian_taps(sigma: Any, size: int) -> Any:
-    """Per-sample normalised 1-D Gaussian ``[size]`` (float32) of std ``sigma`` (a CPU node)."""
-    half = size // 2
-    x2 = types.Constant(np.arange(-half, half + 1, dtype=np.float32) ** 2)
-    s = dali.math.max(sigma, _MIN_SIGMA)
-    taps = dali.math.exp(x2 * -0.5 / (s * s))
-    return taps / fn.reductions.sum(taps)
-
-
-def degrade_nodes(clean: Any, blur: Any, noise: Any, *, kernel_size: int) -> dict[str, Any]:
-    """Blur -> noise -> 8 bits on an HWC float image node; returns the intermediate nodes too."""
-    taps = _gaussian_taps(blur, kernel_size)
-    rows = fn.reshape(taps, shape=[1, kernel_size])
-    cols = fn.reshape(taps, shape=[kernel_size, 1])
-    blurred = fn.filter(fn.filter(clean, rows, border="clamp"), cols, border="clamp")
-    noisy = fn.noise.gaussian(blurred, stddev=noise / 255.0)
-    degraded = dali.math.floor(dali.math.clamp(noisy, 0.0, 1.0) * 255.0 + 0.5) / 255.0
-    return {"blurred": blurred, "noisy": noisy, "degraded": degraded}
-
-
-def _chw(node: Any) -> Any:
-    return fn.transpose(node, perm=[2, 0, 1], output_layout="CHW")
-
-
-def _random_patch(image: Any, crop: int) -> dict[str, Any]:
-    """A random ``crop x crop`` window, randomly flipped/transposed; returns the draws too."""
-    shape = image.shape(dtype=types.FLOAT)  # a CPU node even for GPU images
-    top = dali.math.min(
-        dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * (shape[0] - crop + 1)),
-        shape[0] - crop,
-    )
-    left = dali.math.min(
-        dali.math.floor(fn.random.uniform(range=[0.0, 1.0]) * (shape[1] - crop + 1)),
-        shape[1] - crop,
-    )
-    top_left = fn.cast(fn.stack(top, left), dtype=types.INT32)
-    patch = fn.slice(image, start=top_left, shape=[crop, crop], axis_names="HW")
-    hflip = fn.random.coin_flip(dtype=types.INT32)
-    vflip = fn.random.coin_flip(dtype=types.INT32)
-    patch = fn.flip(patch, horizontal=hflip, vertical=vflip)
-    transpose = fn.random.coin_flip(dtype=types.BOOL)
-    if transpose:  # a DALI conditional: split per sample, merged back afterwards
-        patch = fn.transpose(patch, perm=[1, 0, 2], output_layout="HWC")
-    return {
-        "patch": patch,
-        "top_left": top_left,
-        "hflip": hflip,
-        "vflip": vflip,
-        "transpose": transpose,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
 # pipelines
+
+
+def _read_window(
+    encoded: Any, geometry_of: Any, *, encoding: str, sub_size: int | None, on_gpu: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Decode only a sample's context window; ``geometry_of(height, width)`` places it."""
+    if encoding == "raw":
+        geometry = geometry_of(float(sub_size), float(sub_size))
+        image = fn.reshape(encoded, shape=[sub_size, sub_size, 3], layout="HWC")
+        window = fn.slice(image, start=geometry["start"], shape=geometry["shape"], axis_names="HW")
+        return (window.gpu() if on_gpu else window), geometry
+    shape = fn.cast(fn.peek_image_shape(encoded, adjust_orientation=False), dtype=types.FLOAT)
+    geometry = geometry_of(shape[0], shape[1])
+    window = fn.decoders.image_slice(
+        encoded,
+        start=geometry["start"],
+        shape=geometry["shape"],
+        axis_names="HW",
+        device="mixed" if on_gpu else "cpu",
+        output_type=types.RGB,
+        adjust_orientation=False,
+    )
+    return window, geometry
+
+
+def _patch_pair(
+    window: Any, geometry: dict[str, Any], blur: Any, noise: Any, *, crop: int, kernel_size: int
+) -> dict[str, Any]:
+    """Steps 5-6: ``degraded`` and ``clean`` HWC float patches (before flips) of a window."""
+    win = fn.cast(window, dtype=types.FLOAT) / 255.0
+    blurred = window_blur(win, blur, geometry["offset"], crop=crop, kernel_size=kernel_size)
+    noisy, degraded = add_noise_and_quantize(blurred, noise)
+    clean = fn.slice(win, start=geometry["offset"], shape=[crop, crop], axis_names="HW")
+    return {"blurred": blurred, "noisy": noisy, "degraded": degraded, "clean": clean}
 
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
@@ -159,7 +144,11 @@ def _train_graph(
     *,
     tars,
     indices,
+    ext,
+    encoding,
+    sub_size,
     crop,
+    sampling,
     blur_values,
     noise_values,
     blur_max,
@@ -175,7 +164,7 @@ def _train_graph(
     encoded = fn.readers.webdataset(
         paths=[str(p) for p in tars],
         index_paths=[str(p) for p in indices],
-        ext=["png"],
+        ext=[ext],
         missing_component_behavior="error",
         shard_id=shard_id,
         num_shards=num_shards,
@@ -185,23 +174,28 @@ def _train_graph(
         seed=reader_seed,
         name="reader",
     )
-    image = fn.decoders.image(encoded, device="mixed" if on_gpu else "cpu", output_type=types.RGB)
-    drawn = _random_patch(image, crop)
-    clean = fn.cast(drawn["patch"], dtype=types.FLOAT) / 255.0
-    blur = fn.random.uniform(values=blur_values)
-    noise = fn.random.uniform(values=noise_values)
-    nodes = degrade_nodes(clean, blur, noise, kernel_size=kernel_size)
+    radius = kernel_size // 2
+
+    def geometry_of(height, width):
+        return patch_geometry(height, width, crop=crop, radius=radius)
+
+    window, geometry = _read_window(
+        encoded, geometry_of, encoding=encoding, sub_size=sub_size, on_gpu=on_gpu
+    )
+    blur, noise = level_nodes(sampling, blur_values, noise_values)
+    pair = _patch_pair(window, geometry, blur, noise, crop=crop, kernel_size=kernel_size)
+    flipped = flip_pair(pair["degraded"], pair["clean"])
     z = fn.stack(blur / blur_max, noise / noise_max)
-    outputs = [_chw(nodes["degraded"]), _chw(clean), z.gpu() if on_gpu else z]
+    outputs = [chw(flipped["degraded"]), chw(flipped["clean"]), z.gpu() if on_gpu else z]
     if debug:
         info = fn.pad(fn.get_property(encoded, key="source_info"), fill_value=0)
         outputs += [
             blur,
             noise,
-            drawn["top_left"],
-            drawn["hflip"],
-            drawn["vflip"],
-            drawn["transpose"],
+            geometry["top_left"],
+            flipped["hflip"],
+            flipped["vflip"],
+            flipped["transpose"],
             info,
         ]
     return tuple(outputs)
@@ -218,6 +212,9 @@ def build_train_pipeline(
     blur_max: float,
     noise_max: float,
     kernel_size: int = 21,
+    sampling: str = "uniform",
+    encoding: str = "png",
+    sub_size: int | None = None,
     shard_id: int = 0,
     num_shards: int = 1,
     seed: int = 0,
@@ -230,12 +227,18 @@ def build_train_pipeline(
 ) -> Pipeline:
     """The training pipeline; outputs :data:`OUTPUTS` (+ :data:`DEBUG_OUTPUTS` when debug).
 
-    ``device_id=None`` builds the CPU-only pipeline; an integer builds the GPU one on that
-    device (mixed decoder, GPU operators; levels stay CPU nodes, ``z`` is moved to the GPU).
-    ``seed`` drives the reader's shuffle and every random operator. ``checkpoint`` (from
-    ``Pipeline.checkpoint()`` or ``DALIGenericIterator.checkpoints()``) restores the reader
-    position and random states.
+    ``encoding`` is the shards' (``png``, or ``raw`` with ``sub_size`` the side of a sample);
+    ``sampling`` is ``degradation.sampling``. ``device_id=None`` builds the CPU-only pipeline;
+    an integer builds the GPU one on that device (GPU image operators; levels and geometry stay
+    CPU nodes, ``z`` is moved to the GPU). ``seed`` drives the reader's shuffle and every random
+    operator. ``checkpoint`` (from ``Pipeline.checkpoint()`` or
+    ``DALIGenericIterator.checkpoints()``) restores the reader position and random states.
     """
+    if encoding == "raw" and not sub_size:
+        raise LoaderError("raw shards need the sub-image size (shards.json crop_size)")
+    ext = {"raw": "rgb", "png": "png"}.get(encoding)
+    if ext is None:
+        raise LoaderError(f"unknown shard encoding {encoding!r}")
     return _train_graph(
         batch_size=batch_size,
         num_threads=num_threads,
@@ -245,7 +248,11 @@ def build_train_pipeline(
         checkpoint=checkpoint,
         tars=list(tars),
         indices=list(indices),
+        ext=ext,
+        encoding=encoding,
+        sub_size=sub_size,
         crop=crop,
+        sampling=sampling,
         blur_values=[float(v) for v in blur_values],
         noise_values=[float(v) for v in noise_values],
         blur_max=float(blur_max),
@@ -260,6 +267,21 @@ def build_train_pipeline(
     )
 
 
+def _external_batch(images: Sequence[np.ndarray], *levels: Sequence[float]) -> list[Any]:
+    n = len(images)
+    if not n or any(len(v) != n for v in levels):
+        raise ValueError(
+            f"need one value of each level/position per image ({n}, {[len(v) for v in levels]})"
+        )
+    batch = [np.ascontiguousarray(im, dtype=np.uint8) for im in images]
+    return [batch] + [[np.float32(x) for x in v] for v in levels]
+
+
+def _run(pipe: Pipeline, names: Sequence[str]) -> dict[str, np.ndarray]:
+    pipe.build()
+    return {name: _to_numpy(out) for name, out in zip(names, pipe.run(), strict=True)}
+
+
 def run_degradation(
     images: Sequence[np.ndarray],
     blur: Sequence[float],
@@ -269,21 +291,14 @@ def run_degradation(
     seed: int = 0,
     device_id: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Degrade given uint8 HxWx3 images with given levels in DALI (the test entry).
+    """Degrade given whole uint8 HxWx3 images with given levels in DALI (a test entry).
 
     Returns NCHW float32 arrays ``clean``, ``blurred`` (before noise), ``noisy`` (before
     clamping/quantisation) and ``degraded``, plus ``blur`` and ``noise`` as the graph saw them.
-    Uses exactly the graph of the training pipeline (:func:`degrade_nodes`).
+    Uses the graph pieces of the training pipeline (:mod:`pipeline.data.dali_graph`).
     """
-    n = len(images)
-    if not n or len(blur) != n or len(noise) != n:
-        raise ValueError(
-            f"need one blur and one noise level per image ({n}, {len(blur)}, {len(noise)})"
-        )
-    batch = [np.ascontiguousarray(im, dtype=np.uint8) for im in images]
-    levels_b = [np.float32(v) for v in blur]
-    levels_n = [np.float32(v) for v in noise]
-    pipe = Pipeline(batch_size=n, num_threads=1, device_id=device_id, seed=seed)
+    batch, levels_b, levels_n = _external_batch(images, blur, noise)
+    pipe = Pipeline(batch_size=len(batch), num_threads=1, device_id=device_id, seed=seed)
     with pipe:
         image = fn.external_source(
             source=[batch],
@@ -296,12 +311,49 @@ def run_degradation(
         clean = fn.cast(image, dtype=types.FLOAT) / 255.0
         nodes = degrade_nodes(clean, b, s, kernel_size=kernel_size)
         pipe.set_outputs(
-            _chw(clean), _chw(nodes["blurred"]), _chw(nodes["noisy"]), _chw(nodes["degraded"]), b, s
+            chw(clean), chw(nodes["blurred"]), chw(nodes["noisy"]), chw(nodes["degraded"]), b, s
         )
-    pipe.build()
-    outs = pipe.run()
-    names = ("clean", "blurred", "noisy", "degraded", "blur", "noise")
-    return {name: _to_numpy(out) for name, out in zip(names, outs)}
+    return _run(pipe, ("clean", "blurred", "noisy", "degraded", "blur", "noise"))
+
+
+def run_patch_degradation(
+    images: Sequence[np.ndarray],
+    tops: Sequence[int],
+    lefts: Sequence[int],
+    blur: Sequence[float],
+    noise: Sequence[float],
+    *,
+    crop: int,
+    kernel_size: int = 21,
+    seed: int = 0,
+    device_id: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Degrade the ``crop x crop`` patch at ``(tops[i], lefts[i])`` of each given uint8 image
+    through the training graph's window path (steps 2, 5, 6: context window, window blur, noise,
+    8 bits; no flips). A test entry: returns NCHW float32 ``clean``, ``blurred``, ``noisy``,
+    ``degraded`` patches and the int32 window ``start``/``shape`` used."""
+    batch, tops_f, lefts_f, levels_b, levels_n = _external_batch(images, tops, lefts, blur, noise)
+    pipe = Pipeline(batch_size=len(batch), num_threads=1, device_id=device_id, seed=seed)
+    with pipe:
+        image = fn.external_source(source=[batch], cycle=False, layout="HWC")
+        top = fn.external_source(source=[tops_f], cycle=False)
+        left = fn.external_source(source=[lefts_f], cycle=False)
+        b = fn.external_source(source=[levels_b], cycle=False)
+        s = fn.external_source(source=[levels_n], cycle=False)
+        extent = fn.cast(image.shape(), dtype=types.FLOAT)  # a CPU image: shape() is static
+        geometry = window_geometry(
+            top, left, extent[0], extent[1], crop=crop, radius=kernel_size // 2
+        )
+        window = fn.slice(image, start=geometry["start"], shape=geometry["shape"], axis_names="HW")
+        if device_id is not None:
+            window = window.gpu()
+        pair = _patch_pair(window, geometry, b, s, crop=crop, kernel_size=kernel_size)
+        pipe.set_outputs(
+            *(chw(pair[k]) for k in ("clean", "blurred", "noisy", "degraded")),
+            geometry["start"],
+            geometry["shape"],
+        )
+    return _run(pipe, ("clean", "blurred", "noisy", "degraded", "start", "shape"))
 
 
 def _to_numpy(tensor_list: Any) -> np.ndarray:
@@ -365,13 +417,19 @@ class DaliTrainLoader:
             "num_samples": shards.num_samples,
             "batch_size": cfg.batch_size,
             "pipeline": "cpu" if self._device_id is None else "gpu",
+            # ... and only a graph of the same operators (raw/png reading, level sampling)
+            "encoding": shards.encoding,
+            "sampling": deg.sampling,
         }
         self._len = batches_per_epoch(shards.num_samples, world_size, cfg.batch_size)
         self._pipeline_args = {
             "tars": shards.tars,
             "indices": shards.indices,
+            "encoding": shards.encoding,
+            "sub_size": shards.crop_size,
             "batch_size": cfg.batch_size,
             "crop": cfg.crop,
+            "sampling": deg.sampling,
             "blur_values": level_grid(deg.blur_max, deg.blur_step),
             "noise_values": level_grid(deg.noise_max, deg.noise_step),
             "blur_max": scale.blur_max,

@@ -7,13 +7,17 @@ below, in :mod:`pipeline.data.batch`, which both backends import -- never this m
 Two backends behind one entry point, :func:`build_train_loader`, chosen by
 ``params.loader.backend``:
 
-* ``dali`` (default, :mod:`pipeline.data.dali_pipeline`): ``fn.readers.webdataset`` over the
-  shard indices, decode, crop/flip/rotate and the whole degradation (per-sample 21x21 Gaussian
-  blur with replicate border, Gaussian noise, 8-bit quantisation) inside DALI. It runs on the
-  GPU (mixed decoder + GPU operators) when the target device is CUDA and on the CPU otherwise.
+* ``dali`` (:mod:`pipeline.data.dali_pipeline`): ``fn.readers.webdataset`` over the shard
+  indices, decode of the patch's context window only, crop/flip/rotate and the whole
+  degradation (per-sample 21x21 Gaussian blur with replicate border, Gaussian noise, 8-bit
+  quantisation) inside DALI. It runs on the GPU (GPU operators) when the target device is CUDA
+  and on the CPU otherwise.
 * ``torch`` (:mod:`pipeline.data.torch_loader`): the same shards and augmentations in plain
   PyTorch ``DataLoader`` workers, degrading with :func:`pipeline.degradation.degrade` -- the
   reference the DALI path is tested against, and the fallback where DALI is unavailable.
+* ``auto`` (the default): DALI when its pipeline runs on a GPU; on the CPU the one a short
+  probe measured faster on this machine, cached (:mod:`pipeline.data.backend_choice`, which
+  logs the choice and why).
 
 Both yield the same number of batches per epoch on every rank (DDP steps in lock-step), give
 each rank a disjoint part of the data, and save/restore their position with
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Params
+from pipeline.data.backend_choice import choose_backend
 from pipeline.data.batch import LoaderError, TrainLoader, batches_per_epoch, read_shard_set
 from pipeline.data.torch_loader import TorchTrainLoader
 from pipeline.device import DeviceError, resolve_device
@@ -75,14 +80,18 @@ def build_train_loader(
         target = resolve_device(device)
     except DeviceError as err:
         raise LoaderError(f"loader: {err}") from None
-    if cfg.backend == "dali":
-        # Imported here, not at the top: DALI is a large optional wheel, and the torch backend
-        # must keep working (and importing this module must stay cheap) where it is absent.
-        from pipeline.data.dali_pipeline import DaliTrainLoader
 
-        return DaliTrainLoader(
+    def build(name: str) -> TrainLoader:
+        if name == "dali":
+            # Imported here, not at the top: DALI is a large optional wheel, and the torch
+            # backend must keep working (and importing this module must stay cheap) without it.
+            from pipeline.data.dali_pipeline import DaliTrainLoader
+
+            return DaliTrainLoader(
+                shards, params, rank=rank, world_size=world_size, seed=seed, device=target
+            )
+        return TorchTrainLoader(
             shards, params, rank=rank, world_size=world_size, seed=seed, device=target
         )
-    return TorchTrainLoader(
-        shards, params, rank=rank, world_size=world_size, seed=seed, device=target
-    )
+
+    return build(choose_backend(params, shards, target, build).name)

@@ -3,6 +3,18 @@
 It reads the same shards, draws the same kinds of crops/flips/transposes, and degrades with the
 reference :func:`pipeline.degradation.degrade` / :func:`~pipeline.degradation.sample_levels`.
 
+Context-margin patches (docs/data.md, "Degradation"): for a ``crop x crop`` patch at
+``(top, left)`` the loader reads the window ``kernel_size // 2 = r`` pixels larger on every
+side, clamped to the sub-image, pads it by replicating the sub-image's own edge where it was
+clamped (:func:`context_window`), blurs it without padding (``border="valid"``), adds noise to
+the central ``crop x crop`` only, and cuts the clean patch from the same centre; the random
+flips/transpose then apply to the aligned pair. So a patch's blur is exactly the blur of the
+whole sub-image (replicate border, as the authors' ``imfilter(img, k, 'replicate')`` of whole
+sub-images) cropped -- at the sub-image's edges too.
+
+Decode: a ``raw`` shard sample is read with one ``pread`` of just the window's rows (no
+decoding at all); a ``png`` one is decoded whole by PIL (a PNG cannot be decoded by region).
+
 Why the index files instead of the webdataset library's streaming reader: the wds2idx index
 gives every sample's byte range, so this loader has random access. That buys an exact global
 shuffle per epoch (not a shuffle buffer) shared by all ranks, which then take disjoint
@@ -26,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -43,12 +56,17 @@ from pipeline.data.batch import (
 from pipeline.degradation import degrade, sample_levels
 
 __all__ = [
+    "PatchDraw",
     "SampleTable",
     "TorchTrainLoader",
+    "Window",
     "batch_generator",
+    "context_window",
     "decode_rgb",
+    "degrade_patches",
+    "draw_patch",
     "epoch_order",
-    "random_patch",
+    "flip_patch",
     "read_index",
     "read_sample_table",
 ]
@@ -60,27 +78,44 @@ _CPU = torch.device("cpu")  # the default target device (a torch.device is immut
 
 @dataclass(frozen=True)
 class SampleTable:
-    """Where each sample's PNG lies: tar path index, byte offset, byte size, key."""
+    """Where each sample lies: tar path index, byte offset, byte size, key; and its encoding
+    (``raw``: ``sub_size x sub_size x 3`` uint8 pixels, or ``png``)."""
 
     tars: tuple[str, ...]
     tar_of: np.ndarray  # [N] int32
     offset: np.ndarray  # [N] int64
     size: np.ndarray  # [N] int64
     keys: tuple[str, ...]
+    encoding: str = "png"
+    sub_size: int = 0  # side of a raw sample (shards.json crop_size)
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def read(self, i: int, files: dict[int, int]) -> bytes:
-        """The PNG bytes of sample ``i``; ``files`` caches open descriptors per tar."""
+    def _pread(self, i: int, files: dict[int, int], size: int, start: int) -> bytes:
         t = int(self.tar_of[i])
         fd = files.get(t)
         if fd is None:
             fd = files[t] = os.open(self.tars[t], os.O_RDONLY)
-        data = os.pread(fd, int(self.size[i]), int(self.offset[i]))
-        if len(data) != int(self.size[i]):
+        data = os.pread(fd, size, int(self.offset[i]) + start)
+        if len(data) != size:
             raise LoaderError(f"{self.tars[t]}: truncated at sample {self.keys[i]!r}")
         return data
+
+    def read(self, i: int, files: dict[int, int]) -> bytes:
+        """The stored bytes of sample ``i``; ``files`` caches open descriptors per tar."""
+        return self._pread(i, files, int(self.size[i]), 0)
+
+    def image_size(self, i: int, files: dict[int, int]) -> tuple[int, int] | None:
+        """``(H, W)`` of a raw sample without reading it; None for PNG (decode to know)."""
+        return (self.sub_size, self.sub_size) if self.encoding == "raw" else None
+
+    def read_rows(self, i: int, files: dict[int, int], y0: int, y1: int) -> torch.Tensor:
+        """Rows ``[y0, y1)`` of raw sample ``i`` as ``[3, y1 - y0, W]`` uint8: one ``pread``."""
+        row = self.sub_size * 3
+        data = self._pread(i, files, (y1 - y0) * row, y0 * row)
+        pixels = np.frombuffer(data, np.uint8).reshape(y1 - y0, self.sub_size, 3)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
 def read_index(path: str | Path, ext: str = "png") -> list[tuple[int, int, str]]:
@@ -118,13 +153,20 @@ def read_index(path: str | Path, ext: str = "png") -> list[tuple[int, int, str]]
 
 
 def read_sample_table(shards: ShardSet) -> SampleTable:
-    """All samples of a shard set in stored order, checked against ``shards.json`` counts."""
+    """All samples of a shard set in stored order, checked against ``shards.json`` counts
+    (and, for ``raw`` samples, against the ``crop_size x crop_size x 3`` byte count)."""
     tar_of, offset, size, keys = [], [], [], []
-    for t, (tar, index, count) in enumerate(zip(shards.tars, shards.indices, shards.counts)):
-        entries = read_index(index)
+    raw_bytes = int(np.prod(shards.raw_shape)) if shards.encoding == "raw" else None
+    for t, (index, count) in enumerate(zip(shards.indices, shards.counts, strict=True)):
+        entries = read_index(index, shards.ext)
         if len(entries) != count:
             raise LoaderError(f"{index}: {len(entries)} samples but shards.json says {count}")
         for off, n, name in entries:
+            if raw_bytes is not None and n != raw_bytes:
+                raise LoaderError(
+                    f"{index}: raw sample {name} has {n} bytes, expected "
+                    f"{shards.crop_size}x{shards.crop_size}x3 = {raw_bytes}"
+                )
             tar_of.append(t)
             offset.append(off)
             size.append(n)
@@ -135,6 +177,8 @@ def read_sample_table(shards: ShardSet) -> SampleTable:
         offset=np.asarray(offset, dtype=np.int64),
         size=np.asarray(size, dtype=np.int64),
         keys=tuple(keys),
+        encoding=shards.encoding,
+        sub_size=shards.crop_size,
     )
 
 
@@ -162,26 +206,94 @@ def decode_rgb(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def random_patch(image: torch.Tensor, crop: int, gen: torch.Generator) -> torch.Tensor:
-    """A uniformly placed ``crop x crop`` window with random h/v flips and transpose.
+@dataclass(frozen=True)
+class PatchDraw:
+    """One sample's random geometry: the patch's top-left corner and its flips/transpose."""
+
+    top: int
+    left: int
+    hflip: bool
+    vflip: bool
+    transpose: bool
+
+
+def draw_patch(height: int, width: int, crop: int, gen: torch.Generator) -> PatchDraw:
+    """A uniformly placed ``crop x crop`` patch with random h/v flips and transpose.
 
     The same draws as the DALI pipeline (position, hflip, vflip, transpose), so both cover the
     8 flips/90-degree rotations with equal probability.
     """
-    _, h, w = image.shape
-    if h < crop or w < crop:
-        raise LoaderError(f"sample of {h}x{w} pixels is smaller than the crop {crop}")
-    top = int(torch.randint(h - crop + 1, (1,), generator=gen))
-    left = int(torch.randint(w - crop + 1, (1,), generator=gen))
+    if height < crop or width < crop:
+        raise LoaderError(f"sample of {height}x{width} pixels is smaller than the crop {crop}")
+    top = int(torch.randint(height - crop + 1, (1,), generator=gen))
+    left = int(torch.randint(width - crop + 1, (1,), generator=gen))
     hflip, vflip, transpose = (bool(v) for v in torch.randint(2, (3,), generator=gen))
-    patch = image[:, top : top + crop, left : left + crop]
-    if hflip:
+    return PatchDraw(top, left, hflip, vflip, transpose)
+
+
+@dataclass(frozen=True)
+class Window:
+    """The part of the sub-image a patch's degradation reads: rows ``[y0, y1)``, columns
+    ``[x0, x1)``, and ``pad`` = (left, right, top, bottom) pixels of replicate padding that
+    complete it to ``(crop + 2r)^2`` where the sub-image ends (``F.pad`` order)."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    pad: tuple[int, int, int, int]
+
+
+def context_window(height: int, width: int, top: int, left: int, crop: int, radius: int) -> Window:
+    """The ``crop + 2 * radius`` context window around a patch, clamped into the sub-image.
+
+    Clamping, then replicating the clamped sides, is what the replicate border of the whole
+    sub-image gives there: the patch's blur equals the whole sub-image's blur cropped,
+    including patches at (or sub-images smaller than) the kernel's reach.
+    """
+    y0, y1 = max(top - radius, 0), min(top + crop + radius, height)
+    x0, x1 = max(left - radius, 0), min(left + crop + radius, width)
+    pad = (
+        x0 - (left - radius),
+        left + crop + radius - x1,
+        y0 - (top - radius),
+        top + crop + radius - y1,
+    )
+    return Window(y0, y1, x0, x1, pad)
+
+
+def flip_patch(patch: torch.Tensor, draw: PatchDraw) -> torch.Tensor:
+    """Apply a draw's horizontal flip, vertical flip, then transpose (last two dims)."""
+    if draw.hflip:
         patch = patch.flip(-1)
-    if vflip:
+    if draw.vflip:
         patch = patch.flip(-2)
-    if transpose:
+    if draw.transpose:
         patch = patch.transpose(-1, -2)
     return patch
+
+
+def degrade_patches(
+    windows: torch.Tensor,
+    draws: list[PatchDraw],
+    blur: torch.Tensor,
+    noise: torch.Tensor,
+    gen: torch.Generator,
+    kernel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(degraded, clean)`` patches from ``[B, 3, crop + 2r, crop + 2r]`` context windows.
+
+    The windows are blurred without padding (they carry the context), noise is drawn for the
+    central patches only, and each sample's flips apply to its clean and degraded patch alike.
+    """
+    r = kernel_size // 2
+    degraded = degrade(windows, blur, noise, generator=gen, kernel_size=kernel_size, border="valid")
+    clean = windows[..., r : windows.shape[-2] - r, r : windows.shape[-1] - r]
+    pairs = [
+        (flip_patch(d, draw), flip_patch(c, draw))
+        for d, c, draw in zip(degraded, clean, draws, strict=True)
+    ]
+    return torch.stack([d for d, _ in pairs]), torch.stack([c for _, c in pairs])
 
 
 class _EpochBatches(Dataset):
@@ -215,17 +327,36 @@ class _EpochBatches(Dataset):
     def __len__(self) -> int:  # not used by the sampler-driven DataLoader, but required
         return batches_per_epoch(len(self.table), self.world_size, self.batch_size)
 
+    def window(self, i: int, gen: torch.Generator) -> tuple[torch.Tensor, PatchDraw]:
+        """Sample ``i``'s draw and its ``[3, crop + 2r, crop + 2r]`` float32 context window."""
+        size = self.table.image_size(i, self._files)
+        image = None
+        if size is None:  # png: decode the whole sub-image to learn its size
+            image = decode_rgb(self.table.read(i, self._files))
+            size = (image.shape[1], image.shape[2])
+        draw = draw_patch(size[0], size[1], self.crop, gen)
+        win = context_window(
+            *size, draw.top, draw.left, self.crop, self.degradation.kernel_size // 2
+        )
+        if image is None:
+            pixels = self.table.read_rows(i, self._files, win.y0, win.y1)[..., win.x0 : win.x1]
+        else:
+            pixels = image[:, win.y0 : win.y1, win.x0 : win.x1]
+        pixels = pixels.to(torch.float32) / 255.0
+        if any(win.pad):
+            pixels = F.pad(pixels[None], win.pad, mode="replicate")[0]
+        return pixels, draw
+
     def __getitem__(self, key: tuple[int, int]) -> Batch:
         epoch, batch = key
         gen = batch_generator(self.seed, self.rank, epoch, batch)
-        patches = [
-            random_patch(decode_rgb(self.table.read(i, self._files)), self.crop, gen)
-            for i in self.sample_ids(epoch, batch)
-        ]
-        clean = torch.stack(patches).to(torch.float32) / 255.0
+        pairs = [self.window(i, gen) for i in self.sample_ids(epoch, batch)]
+        windows, draws = [w for w, _ in pairs], [d for _, d in pairs]
         deg = self.degradation
-        blur, noise = sample_levels(len(patches), gen, deg)
-        degraded = degrade(clean, blur, noise, generator=gen, kernel_size=deg.kernel_size)
+        blur, noise = sample_levels(len(draws), gen, deg)
+        degraded, clean = degrade_patches(
+            torch.stack(windows), draws, blur, noise, gen, deg.kernel_size
+        )
         z = ConditionScale.from_params(deg).to_z(blur, noise)
         return Batch(degraded, clean, z)
 
