@@ -144,20 +144,34 @@ def build_evalset(
             report.add_ok(source)
         gt = write_png(out_dir / "gt" / f"{name}.png", loaded.array)
         h, w = loaded.array.shape[:2]
-        entries.append({"name": name, "source": shown, "width": w, "height": h,
-                        "gt": f"gt/{name}.png", "sha256": sha256_file(gt)})
+        entries.append(
+            {
+                "name": name,
+                "source": shown,
+                "width": w,
+                "height": h,
+                "gt": f"gt/{name}.png",
+                "sha256": sha256_file(gt),
+            }
+        )
         clean = to_tensor(loaded.array)
         for r, s in settings:
             gen = torch.Generator().manual_seed(image_seed(params.seed, set_name, name, r, s))
             degraded = degrade(clean, r, s, generator=gen, kernel_size=degradation.kernel_size)
             rel = f"{setting_key(r, s)}/{name}.png"
             written = write_png(out_dir / rel, to_uint8(degraded))
-            files.append({
-                "image": name, "setting": setting_key(r, s), "path": rel, "gt": f"gt/{name}.png",
-                "blur": r, "noise": s,
-                "z": [r / degradation.blur_max, s / degradation.noise_max],
-                "sha256": sha256_file(written),
-            })
+            files.append(
+                {
+                    "image": name,
+                    "setting": setting_key(r, s),
+                    "path": rel,
+                    "gt": f"gt/{name}.png",
+                    "blur": r,
+                    "noise": s,
+                    "z": [r / degradation.blur_max, s / degradation.noise_max],
+                    "sha256": sha256_file(written),
+                }
+            )
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -165,8 +179,12 @@ def build_evalset(
         "seed": params.seed,
         "kernel_size": degradation.kernel_size,
         "settings": [
-            {"name": setting_key(r, s), "blur": r, "noise": s,
-             "z": [r / degradation.blur_max, s / degradation.noise_max]}
+            {
+                "name": setting_key(r, s),
+                "blur": r,
+                "noise": s,
+                "z": [r / degradation.blur_max, s / degradation.noise_max],
+            }
             for r, s in settings
         ],
         "images": entries,
@@ -182,10 +200,14 @@ def _set_images(
     if name == "holdout":
         held = [e for e in read_manifest(prepared_dir)["images"] if e["split"] == "holdout"]
         if not held:
-            raise EvalSetError("evalsets.sets includes 'holdout' but no image is held out "
-                               "(data.holdout is 0 or too few usable images)")
-        return [(e["name"], prepared_dir / "holdout" / f"{e['name']}.png", e["source"])
-                for e in sorted(held, key=lambda e: e["name"])]
+            raise EvalSetError(
+                "evalsets.sets includes 'holdout' but no image is held out "
+                "(data.holdout is 0 or too few usable images)"
+            )
+        return [
+            (e["name"], prepared_dir / "holdout" / f"{e['name']}.png", e["source"])
+            for e in sorted(held, key=lambda e: e["name"])
+        ]
     directory = getattr(params, f"{name}_dir")
     listing = getattr(params, f"{name}_sha256")
     return collect_images(directory, load_sha256_list(listing) if listing else None)
@@ -202,7 +224,8 @@ def build_evalsets(
         if r > degradation.blur_max or s > degradation.noise_max:
             raise EvalSetError(
                 f"evalsets.settings: ({r:g}, {s:g}) exceeds degradation.blur_max/noise_max "
-                f"({degradation.blur_max:g}, {degradation.noise_max:g})")
+                f"({degradation.blur_max:g}, {degradation.noise_max:g})"
+            )
     report = StageReport("evalsets")
     sets: dict[str, dict[str, int]] = {}
     with staging_dir(out_dir) as tmp:

@@ -78,19 +78,26 @@ def encode_png(array: np.ndarray, compress_level: int) -> bytes:
     """PNG bytes of an 8-bit RGB array; no metadata chunks, so equal pixels give equal bytes."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array), "RGB").save(
-        buf, format="PNG", compress_level=compress_level, optimize=False)
+        buf, format="PNG", compress_level=compress_level, optimize=False
+    )
     return buf.getvalue()
 
 
-def _crop_image(entry: dict[str, Any], *, prepared: Path, params: ExtractParams,
-                max_pixels: int) -> list[tuple[str, int, int, bytes]]:
+def _crop_image(
+    entry: dict[str, Any], *, prepared: Path, params: ExtractParams, max_pixels: int
+) -> list[tuple[str, int, int, bytes]]:
     path = prepared / "train" / f"{entry['name']}.png"
     if sha256_file(path) != entry["sha256"]:
         raise ExtractError(f"{path}: does not match the prepare manifest; rerun the prepare stage")
     array = read_rgb8(path, max_pixels=max_pixels).array
     size, level = params.crop_size, params.png_compress_level
     return [
-        (subimage_key(entry["name"], y, x), y, x, encode_png(array[y:y + size, x:x + size], level))
+        (
+            subimage_key(entry["name"], y, x),
+            y,
+            x,
+            encode_png(array[y : y + size, x : x + size], level),
+        )
         for y, x in subimage_grid(array.shape[0], array.shape[1], params)
     ]
 
@@ -114,12 +121,17 @@ def extract_subimages(
         with open(tmp / TAR, "wb") as fp:
             writer = deterministic_tar_writer(fp)
             results = ordered_map(work, train, workers=workers)
-            for entry, crops in zip(train, progress(results, total=len(train),
-                                                    description="extract"), strict=True):
+            for entry, crops in zip(
+                train, progress(results, total=len(train), description="extract"), strict=True
+            ):
                 if not crops:
-                    report.add_skipped(entry["name"], (
-                        f"too small: {entry['width']}x{entry['height']} is smaller than the "
-                        f"crop size {params.crop_size}"))
+                    report.add_skipped(
+                        entry["name"],
+                        (
+                            f"too small: {entry['width']}x{entry['height']} is smaller than the "
+                            f"crop size {params.crop_size}"
+                        ),
+                    )
                     continue
                 report.add_ok(entry["name"])
                 for key, y, x, data in crops:
@@ -135,18 +147,27 @@ def extract_subimages(
                 raise ExtractError(f"{TAR}: member {member.name} out of order")
             record["offset"] = member.offset_data
             record["size"] = member.size
-        atomic_write_json(tmp / INDEX, {
-            "format": FORMAT,
-            "version": VERSION,
+        atomic_write_json(
+            tmp / INDEX,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "crop_size": params.crop_size,
+                "step": params.step,
+                "thresh_size": params.thresh_size,
+                "num_images": len(report.ok),
+                "num_subimages": len(records),
+                "tar": TAR,
+                "subimages": records,
+            },
+        )
+    report.extra.update(
+        {
+            "num_images": len(report.ok),
+            "num_subimages": len(records),
             "crop_size": params.crop_size,
             "step": params.step,
             "thresh_size": params.thresh_size,
-            "num_images": len(report.ok),
-            "num_subimages": len(records),
-            "tar": TAR,
-            "subimages": records,
-        })
-    report.extra.update({"num_images": len(report.ok), "num_subimages": len(records),
-                         "crop_size": params.crop_size, "step": params.step,
-                         "thresh_size": params.thresh_size})
+        }
+    )
     return report

@@ -65,21 +65,27 @@ def _reason(err: ImageError, path: Path) -> str:
     """The one-line reason without the path prefix (the report names the file separately)."""
     text = str(err)
     prefix = f"{path}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
+    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _process(image: RawImage, *, pending: Path, crop_size: int, max_pixels: int) -> _Outcome:
     """Validate and convert one image; write ``pending/<name>.png`` when it is usable."""
     try:
-        loaded = read_rgb8(image.path, max_pixels=max_pixels, allow_high_bit_depth=True,
-                           allow_transparency=False)
+        loaded = read_rgb8(
+            image.path, max_pixels=max_pixels, allow_high_bit_depth=True, allow_transparency=False
+        )
     except ImageError as err:
         return _Outcome(image, skip_reason=_reason(err, image.path))
     h, w = loaded.array.shape[:2]
     if h < crop_size or w < crop_size:
-        return _Outcome(image, w, h, skip_reason=(
-            f"too small: {w}x{h} is smaller than the crop size {crop_size} (extract.crop_size)"
-        ))
+        return _Outcome(
+            image,
+            w,
+            h,
+            skip_reason=(
+                f"too small: {w}x{h} is smaller than the crop size {crop_size} (extract.crop_size)"
+            ),
+        )
     out = pending / f"{image.name}.png"
     if loaded.format == "PNG" and loaded.mode == "RGB" and not loaded.notes:
         # Already an 8-bit RGB PNG (e.g. DIV2K): keep its bytes; re-encoding 2K images at
@@ -139,26 +145,37 @@ def prepare_images(
         if n_train <= 0:
             raise PrepareError(
                 f"prepare: no training images left: {len(usable)} usable of "
-                f"{len(source.images)}, data.holdout={holdout}", report)
+                f"{len(source.images)}, data.holdout={holdout}",
+                report,
+            )
 
         entries: list[dict[str, Any]] = []
         for o in sorted(outcomes, key=lambda o: o.image.name):
             split = "holdout" if o.image.name in held else "train"
             os.replace(pending / f"{o.image.name}.png", tmp / split / f"{o.image.name}.png")
-            entries.append({
-                "name": o.image.name, "source": o.image.source, "width": o.width,
-                "height": o.height, "sha256": o.sha256, "split": split,
-            })
+            entries.append(
+                {
+                    "name": o.image.name,
+                    "source": o.image.source,
+                    "width": o.width,
+                    "height": o.height,
+                    "sha256": o.sha256,
+                    "split": split,
+                }
+            )
         pending.rmdir()
-        atomic_write_json(tmp / MANIFEST, {
-            "format": FORMAT,
-            "version": VERSION,
-            "source": {"kind": source.kind, "root": source.root},
-            "crop_size": crop_size,
-            "holdout_seed": holdout_seed,
-            "counts": {"train": n_train, "holdout": len(held)},
-            "images": entries,
-        })
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "source": {"kind": source.kind, "root": source.root},
+                "crop_size": crop_size,
+                "holdout_seed": holdout_seed,
+                "counts": {"train": n_train, "holdout": len(held)},
+                "images": entries,
+            },
+        )
     return report
 
 

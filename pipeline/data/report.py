@@ -64,7 +64,10 @@ def progress(items: Iterable[T], *, total: int | None, description: str) -> Iter
     from rich.progress import track
 
     yield from track(
-        items, description=description, total=total, transient=True,
+        items,
+        description=description,
+        total=total,
+        transient=True,
         disable=not sys.stderr.isatty(),
     )
 

@@ -76,21 +76,36 @@ class SampleImage:
 #: sha256 of each file (identical to scikit-image's own data registry) and its licence as the
 #: scikit-image docstrings state it.
 SAMPLE_IMAGES: tuple[SampleImage, ...] = (
-    SampleImage("astronaut.png",
-                "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
-                "public domain", "NASA (Eileen Collins), NASA Great Images database"),
-    SampleImage("chelsea.png",
-                "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
-                "CC0", "Stefan van der Walt"),
-    SampleImage("coffee.png",
-                "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
-                "CC0", "Rachel Michetti, courtesy of Pikolo Espresso Bar"),
-    SampleImage("hubble_deep_field.jpg",
-                "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
-                "public domain", "NASA, Hubble eXtreme Deep Field (HubbleSite)"),
-    SampleImage("rocket.jpg",
-                "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c",
-                "public domain", "SpaceX, DSCOVR launch on Falcon 9"),
+    SampleImage(
+        "astronaut.png",
+        "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
+        "public domain",
+        "NASA (Eileen Collins), NASA Great Images database",
+    ),
+    SampleImage(
+        "chelsea.png",
+        "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
+        "CC0",
+        "Stefan van der Walt",
+    ),
+    SampleImage(
+        "coffee.png",
+        "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+        "CC0",
+        "Rachel Michetti, courtesy of Pikolo Espresso Bar",
+    ),
+    SampleImage(
+        "hubble_deep_field.jpg",
+        "3a19c5dd8a927a9334bb1229a6d63711b1c0c767fb27e2286e7c84a3e2c2f5f4",
+        "public domain",
+        "NASA, Hubble eXtreme Deep Field (HubbleSite)",
+    ),
+    SampleImage(
+        "rocket.jpg",
+        "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c",
+        "public domain",
+        "SpaceX, DSCOVR launch on Falcon 9",
+    ),
 )
 
 
@@ -138,7 +153,7 @@ def sanitize_name(text: str) -> str:
     name = _UNSAFE.sub("_", text) or "_"
     if len(name) > MAX_NAME_LENGTH:
         digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-        name = f"{name[:MAX_NAME_LENGTH - 13]}_{digest}"
+        name = f"{name[: MAX_NAME_LENGTH - 13]}_{digest}"
     return name
 
 
@@ -195,7 +210,8 @@ def sample_images() -> Source:
         path = root / item.file
         if not path.is_file():
             raise SourceError(
-                f"sample image {item.file} is missing from {root} (scikit-image 0.26?)")
+                f"sample image {item.file} is missing from {root} (scikit-image 0.26?)"
+            )
         digest = sha256_file(path)
         if digest != item.sha256:
             raise SourceError(
@@ -204,9 +220,11 @@ def sample_images() -> Source:
             )
     rel = [item.file for item in SAMPLE_IMAGES]
     images = _images_from_files(root, rel)
-    return Source("sample", "scikit-image:skimage/data", tuple(
-        RawImage(im.name, im.path, f"skimage/data/{im.source}") for im in images
-    ))
+    return Source(
+        "sample",
+        "scikit-image:skimage/data",
+        tuple(RawImage(im.name, im.path, f"skimage/data/{im.source}") for im in images),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,8 +278,13 @@ def _download_progress(url: str, start: int, remaining: int | None) -> Iterator[
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
     total = start + remaining if remaining is not None else None
-    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
-                  transient=True, disable=not sys.stderr.isatty()) as bar:
+    with Progress(
+        *Progress.get_default_columns(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        transient=True,
+        disable=not sys.stderr.isatty(),
+    ) as bar:
         task = bar.add_task(PurePosixPath(url).name, total=total, completed=start)
         yield lambda n: bar.advance(task, n)
 
@@ -342,8 +365,13 @@ def download(
                     f"download {url} failed after {attempt} attempts ({err}); "
                     f"{have} bytes kept in {part}, run again to resume"
                 ) from None
-            log.warning("download interrupted (%s); resuming at byte %d (retry %d of %d)",
-                        err, have, attempt, retries)
+            log.warning(
+                "download interrupted (%s); resuming at byte %d (retry %d of %d)",
+                err,
+                have,
+                attempt,
+                retries,
+            )
             time.sleep(backoff * attempt)
     got_size = part.stat().st_size
     digest = sha256_file(part)
@@ -432,8 +460,12 @@ def div2k_images(p: Div2kParams, downloads: str | os.PathLike[str]) -> Source:
         return _counted("div2k", _image_root(extracted), p.local, p.expected_images)
     if not extracted.is_dir():
         zip_path = download(
-            p.url, downloads / Path(PurePosixPath(p.url).name), sha256=p.sha256, size=p.size,
-            retries=p.retries, timeout=p.timeout,
+            p.url,
+            downloads / Path(PurePosixPath(p.url).name),
+            sha256=p.sha256,
+            size=p.size,
+            retries=p.retries,
+            timeout=p.timeout,
         )
         extract_zip(zip_path, extracted)
     return _counted("div2k", _image_root(extracted), p.url, p.expected_images)

@@ -13,8 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMAT", "INDEX", "TAR", "VERSION", "ExtractError", "read_subimage",
-           "read_subimage_index"]
+__all__ = [
+    "FORMAT",
+    "INDEX",
+    "TAR",
+    "VERSION",
+    "ExtractError",
+    "read_subimage",
+    "read_subimage_index",
+]
 
 TAR = "subimages.tar"
 INDEX = "index.json"

@@ -28,8 +28,16 @@ def deterministic_tar_writer(fileobj: BinaryIO) -> Any:
     """
     from webdataset import TarWriter  # imports torch: keep it out of module import time
 
-    return TarWriter(fileobj, user=TAR_USER, group=TAR_GROUP, mode=TAR_MODE, compress=False,
-                     encoder=False, mtime=TAR_MTIME, format="USTAR_FORMAT")
+    return TarWriter(
+        fileobj,
+        user=TAR_USER,
+        group=TAR_GROUP,
+        mode=TAR_MODE,
+        compress=False,
+        encoder=False,
+        mtime=TAR_MTIME,
+        format="USTAR_FORMAT",
+    )
 
 
 def tar_size(member_sizes: list[int]) -> int:
