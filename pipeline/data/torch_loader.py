@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from pipeline.data.batch import (
     shard_range,
 )
 from pipeline.degradation import degrade, sample_levels
+from pipeline.errors import one_line
 
 __all__ = [
     "SampleTable",
@@ -79,8 +81,23 @@ class SampleTable:
             fd = files[t] = os.open(self.tars[t], os.O_RDONLY)
         data = os.pread(fd, int(self.size[i]), int(self.offset[i]))
         if len(data) != int(self.size[i]):
-            raise LoaderError(f"{self.tars[t]}: truncated at sample {self.keys[i]!r}")
+            raise LoaderError(
+                f"{self.tars[t]}: truncated at sample {self.keys[i]!r} (changed after the "
+                "shards stage: re-run it)"
+            )
         return data
+
+    def read_rgb(self, i: int, files: dict[int, int]) -> torch.Tensor:
+        """Sample ``i`` decoded (:func:`decode_rgb`); bytes that are no PNG -- a shard changed
+        after the shards stage, its size intact -- are one LoaderError line naming the tar."""
+        data = self.read(i, files)
+        try:
+            return decode_rgb(data)
+        except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for broken data
+            raise LoaderError(
+                f"{self.tars[int(self.tar_of[i])]}: sample {self.keys[i]!r} is not a readable "
+                f"PNG ({one_line(err)}); changed after the shards stage: re-run it"
+            ) from None
 
 
 def read_index(path: str | Path, ext: str = "png") -> list[tuple[int, int, str]]:
@@ -219,7 +236,7 @@ class _EpochBatches(Dataset):
         epoch, batch = key
         gen = batch_generator(self.seed, self.rank, epoch, batch)
         patches = [
-            random_patch(decode_rgb(self.table.read(i, self._files)), self.crop, gen)
+            random_patch(self.table.read_rgb(i, self._files), self.crop, gen)
             for i in self.sample_ids(epoch, batch)
         ]
         clean = torch.stack(patches).to(torch.float32) / 255.0
@@ -237,6 +254,15 @@ class _EpochBatches(Dataset):
     def __del__(self) -> None:
         for fd in getattr(self, "_files", {}).values():
             os.close(fd)
+
+
+def _worker_line(err: LoaderError) -> str:
+    """The original message of a LoaderError re-raised by a DataLoader worker (its last line,
+    ``pipeline.data.batch.LoaderError: <message>``), or the message itself."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return str(err)
+    return re.sub(r"^[\w.]*LoaderError: ", "", lines[-1].strip())
 
 
 class TorchTrainLoader:
@@ -310,9 +336,14 @@ class TorchTrainLoader:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.prefetch if workers else None,
         )
-        for batch in loader:
-            self._batch += 1
-            yield Batch(*(t.to(self.device, non_blocking=True) for t in batch))
+        try:
+            for batch in loader:
+                self._batch += 1
+                yield Batch(*(t.to(self.device, non_blocking=True) for t in batch))
+        except LoaderError as err:
+            # From a DataLoader worker the message is "Caught LoaderError in DataLoader worker
+            # process 0." + the worker's traceback: give the worker's own line again.
+            raise LoaderError(_worker_line(err)) from err
         self._epoch, self._batch = self._epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
