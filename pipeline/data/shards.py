@@ -203,7 +203,7 @@ def write_shards(
         finally:
             if shard is not None:  # an error midway: close the files so the directory can go
                 try:
-                    with contextlib.suppress(OSError):
+                    with contextlib.suppress(OSError, ValueError):
                         shard.writer.close()
                 finally:
                     shard.fp.close()
