@@ -55,7 +55,10 @@ def naming_path(
         filename = os.fspath(path) + str(err.filename)[len(os.fspath(inside)) :]
     else:
         return err
-    return type(err)(err.errno, err.strerror, filename, None, err.filename2)
+    try:
+        return type(err)(err.errno, err.strerror, filename, None, err.filename2)
+    except TypeError:  # a subclass with a constructor of its own: keep the error as it is
+        return err
 
 
 def _raise_naming(err: OSError, path: Path, inside: Path | None) -> NoReturn:
