@@ -22,7 +22,8 @@ repro: venv
 # Three pytest sessions, so that no test process mixes what must not share a process: the
 # in-process Ray instance (one per session, tests/conftest.py), the separate two-node cluster of
 # tests/test_infra_local.py, and the fork-based DataLoader workers of the loader tests.
-TESTS_RAY     := tests/test_flows.py tests/test_train_ray.py tests/test_train_stage.py
+TESTS_RAY     := tests/test_flows.py tests/test_train_ray.py tests/test_train_stage.py \
+                 tests/test_train_dali_ray.py
 TESTS_CLUSTER := tests/test_infra_local.py
 PYTEST        := PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 

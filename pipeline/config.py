@@ -201,6 +201,10 @@ class EvalSetParams(_Section):
         return self
 
 
+#: How a reader checks shard files against shards.json (pipeline/data/shards.py).
+ShardVerification = Literal["size", "sha256"]
+
+
 class LoaderParams(_Section):
     """Training loader (pipeline/data/loader.py). Blur/noise levels come from ``degradation``
     (its grid and maxima), so training, z and the evaluation sets share one definition."""
@@ -223,6 +227,10 @@ class LoaderParams(_Section):
     shuffle_buffer: int = Field(2048, gt=0)
     # Batches prepared ahead (DALI prefetch_queue_depth; torch prefetch_factor per worker).
     prefetch: int = Field(2, gt=0)
+    # How each worker checks the shards against shards.json before it reads them. size: every
+    # tar and index has its recorded size (a stat per file: catches truncation). sha256: also
+    # the recorded sha256 (reads every byte once per worker start: catches any change).
+    verify_shards: ShardVerification = "size"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pipeline.config import ConfigError, load_params
 from pipeline.data.evalsets import EvalSetError, build_evalsets
 from pipeline.data.prepare import PrepareError
 from pipeline.data.report import write_report
+from pipeline.errors import os_error_line
 
 log = logging.getLogger("stages.evalsets")
 
@@ -25,10 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         report = build_evalsets(params.evalsets, params.degradation, args.prepared, args.out)
+        write_report(args.report, report)
     except (ConfigError, PrepareError, EvalSetError) as err:
         log.error("%s", err)
         return 1
-    write_report(args.report, report)
+    except OSError as err:  # no space left, read-only or forbidden target: one line, the path
+        log.error("%s", os_error_line(err))
+        return 1
     for name, counts in report.extra["sets"].items():
         log.info(
             "evalsets: %s: %d images, %d degraded files", name, counts["images"], counts["files"]

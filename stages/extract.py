@@ -11,6 +11,7 @@ from pipeline.data.extract import ExtractError, extract_subimages
 from pipeline.data.prepare import PrepareError
 from pipeline.data.report import write_report
 from pipeline.data.workers import resolve_workers
+from pipeline.errors import os_error_line
 
 log = logging.getLogger("stages.extract")
 
@@ -29,10 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         report = extract_subimages(
             args.prepared, args.out, params.extract, workers=resolve_workers(args.workers)
         )
+        write_report(args.report, report)
     except (ConfigError, PrepareError, ExtractError) as err:
         log.error("%s", err)
         return 1
-    write_report(args.report, report)
+    except OSError as err:  # no space left, read-only or forbidden target: one line, the path
+        log.error("%s", os_error_line(err))
+        return 1
     log.info(
         "extract: %d sub-images of %d images",
         report.extra["num_subimages"],

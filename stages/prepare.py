@@ -16,6 +16,7 @@ from pipeline.data.prepare import PrepareError, prepare_images
 from pipeline.data.report import write_report
 from pipeline.data.sources import SourceError, resolve_source
 from pipeline.data.workers import resolve_workers
+from pipeline.errors import os_error_line
 
 log = logging.getLogger("stages.prepare")
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="processes (0: one per core, max 8)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    failure = None
     try:
         params = load_params(args.params)
         source = resolve_source(params.data, args.downloads)
@@ -41,15 +43,23 @@ def main(argv: list[str] | None = None) -> int:
             max_pixels=params.data.max_pixels,
             workers=resolve_workers(args.workers),
         )
-    except PrepareError as err:
-        if err.report is not None:
-            write_report(args.report, err.report)
-        log.error("%s", err)
-        return 1
+    except PrepareError as err:  # no image left: the report still says why, file by file
+        failure, report = str(err), err.report
     except (ConfigError, SourceError) as err:
         log.error("%s", err)
         return 1
-    write_report(args.report, report)
+    except OSError as err:  # no space left, read-only or forbidden target: one line, the path
+        log.error("%s", os_error_line(err))
+        return 1
+    try:
+        if report is not None:
+            write_report(args.report, report)
+    except OSError as err:
+        log.error("%s", os_error_line(err))
+        return 1
+    if failure is not None:
+        log.error("%s", failure)
+        return 1
     return 0
 
 

@@ -11,6 +11,7 @@ from pipeline.atomic import atomic_write_json
 from pipeline.config import ConfigError, load_params
 from pipeline.data.shards import ShardError, shard_subimages
 from pipeline.data.subimages import ExtractError
+from pipeline.errors import os_error_line
 
 log = logging.getLogger("stages.shards")
 
@@ -26,23 +27,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         manifest = shard_subimages(args.subimages, args.out, params.shards)
+        sizes = [s["tar_bytes"] for s in manifest["shards"]]
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            args.report,
+            {
+                "stage": "shards",
+                "num_shards": len(manifest["shards"]),
+                "num_samples": manifest["num_samples"],
+                "crop_size": manifest["crop_size"],
+                "total_bytes": sum(sizes),
+                "max_shard_bytes": max(sizes),
+            },
+        )
     except (ConfigError, ExtractError, ShardError) as err:
         log.error("%s", err)
         return 1
-    out = Path(args.out)
-    sizes = [(out / s["tar"]).stat().st_size for s in manifest["shards"]]
-    Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        args.report,
-        {
-            "stage": "shards",
-            "num_shards": len(manifest["shards"]),
-            "num_samples": manifest["num_samples"],
-            "crop_size": manifest["crop_size"],
-            "total_bytes": sum(sizes),
-            "max_shard_bytes": max(sizes),
-        },
-    )
+    except OSError as err:  # no space left, read-only or forbidden target: one line, the path
+        log.error("%s", os_error_line(err))
+        return 1
     log.info(
         "shards: %d samples in %d shards (%.1f MB)",
         manifest["num_samples"],

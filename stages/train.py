@@ -19,7 +19,7 @@ import sys
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_params
-from pipeline.errors import one_line
+from pipeline.errors import one_line, os_error_line
 from pipeline.pretrained import PretrainedWeightsMissing
 
 log = logging.getLogger("stages.train")
@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StageFailed as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the driver's outputs: no space left, read-only, forbidden
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 1
     psnr = result.metrics.get("val/psnr/mean")
     if psnr is not None:

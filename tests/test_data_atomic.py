@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.atomic import atomic_write_bytes, atomic_write_json, staging_dir
+from pipeline.atomic import atomic_output, atomic_write_bytes, atomic_write_json, staging_dir
 from pipeline.data.workers import ordered_map, resolve_workers
 
 
@@ -72,3 +72,49 @@ def test_atomic_output_streams_and_discards_on_error(tmp_path):
         raise ValueError("verification failed")
     assert path.read_bytes() == b"chunk" * 3  # the old file stays
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]  # no temp file left
+
+
+def test_file_system_errors_name_the_target_not_the_temporary_path(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from pipeline.atomic import naming_path
+
+    final = tmp_path / "out"
+    with pytest.raises(OSError) as err, staging_dir(final) as tmp:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a failed write() raises
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(final)
+    with pytest.raises(PermissionError) as err, staging_dir(final) as tmp:
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp / "a" / "b.png"))
+    assert err.value.filename == str(final / "a" / "b.png")  # the type is kept, the path mapped
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError) as err, atomic_output(tmp_path / "f.bin") as fp:
+        fp.write(b"x")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert err.value.filename == str(tmp_path / "f.bin") and list(tmp_path.iterdir()) == []
+    plain = OSError("no errno: not a file-system error")
+    assert naming_path(plain, final) is plain
+    elsewhere = OSError(errno.EIO, "Input/output error", "/elsewhere/input.tar")
+    assert naming_path(elsewhere, final, inside=tmp_path / "x") is elsewhere
+
+
+def test_staging_dir_keeps_the_old_directory_when_the_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    import pipeline.atomic as atomic_mod
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if ".staging" in str(src):
+            raise OSError(28, "No space left on device", str(src), None, str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic_mod.os, "replace", failing)
+    with pytest.raises(OSError), staging_dir(final) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["old"]  # put back as it was
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -13,7 +13,13 @@ import pipeline.data.shards as shards_mod
 from pipeline.config import ExtractParams, ShardParams
 from pipeline.data.extract import encode_png, extract_subimages
 from pipeline.data.prepare import prepare_images
-from pipeline.data.shards import ShardError, read_shards_json, shard_subimages, write_shards
+from pipeline.data.shards import (
+    ShardError,
+    read_shards_json,
+    shard_subimages,
+    verify_shard_files,
+    write_shards,
+)
 from pipeline.data.sources import folder_images
 from pipeline.data.tario import TAR_MTIME, tar_size
 from tests.data_fixtures import image_folder, textured, tree_bytes
@@ -43,7 +49,7 @@ def test_count_cap_layout_and_shards_json(tmp_path):
     assert [s["count"] for s in manifest["shards"]] == [4, 4, 2]
     assert manifest == json.loads((out / "shards.json").read_text())
     assert manifest["num_samples"] == 10 and manifest["crop_size"] == 16
-    assert (manifest["format"], manifest["version"]) == ("cugan-shards", 1)
+    assert (manifest["format"], manifest["version"]) == ("cugan-shards", 2)
     assert sorted(p.name for p in out.iterdir()) == [
         "shard-00000.idx",
         "shard-00000.tar",
@@ -251,3 +257,55 @@ def test_webdataset_reads_the_shards(tmp_path):
     urls = [str(out / e["tar"]) for e in manifest["shards"]]
     keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
     assert sorted(keys) == sorted(s["key"] for s in items)
+
+
+def test_shards_json_records_size_and_sha256_of_every_tar_and_index(tmp_path):
+    import hashlib
+
+    out, manifest = write(tmp_path, samples(7), max_count=3)
+    for entry in manifest["shards"]:
+        for kind in ("tar", "index"):
+            data = (out / entry[kind]).read_bytes()
+            assert entry[f"{kind}_bytes"] == len(data)
+            assert entry[f"{kind}_sha256"] == hashlib.sha256(data).hexdigest()
+    verify_shard_files(out, manifest["shards"], "sha256")  # the files as written pass
+
+
+def test_verify_names_the_file_that_differs(tmp_path):
+    out, manifest = write(tmp_path, samples(7), max_count=3)
+    tar = out / manifest["shards"][1]["tar"]
+    original = tar.read_bytes()
+    tar.write_bytes(original[:-512])  # a copy cut short
+    with pytest.raises(ShardError, match="truncated or changed") as err:
+        read_shards_json(out)  # sizes: checked by default
+    assert str(tar) in str(err.value) and "\n" not in str(err.value)
+    changed = bytearray(original)
+    changed[600] ^= 0xFF  # same size, other content
+    tar.write_bytes(bytes(changed))
+    assert read_shards_json(out) == manifest  # a size check cannot see it ...
+    with pytest.raises(ShardError, match="sha256 differs") as err:
+        read_shards_json(out, verify="sha256")  # ... the sha256 does
+    assert str(tar) in str(err.value)
+    tar.unlink()
+    with pytest.raises(ShardError, match="missing"):
+        read_shards_json(out)
+
+
+def test_an_old_manifest_without_hashes_is_refused_in_one_line(tmp_path):
+    out, manifest = write(tmp_path, samples(3))
+    old = {
+        **manifest,
+        "version": 1,
+        "shards": [{k: e[k] for k in ("tar", "index", "count")} for e in manifest["shards"]],
+    }
+    (out / "shards.json").write_text(json.dumps(old))
+    with pytest.raises(ShardError, match=r"older shards stage .* re-run the shards stage"):
+        read_shards_json(out)
+    entry = dict(manifest["shards"][0], tar_sha256="not-a-digest")
+    (out / "shards.json").write_text(json.dumps({**manifest, "shards": [entry]}))
+    with pytest.raises(ShardError, match="tar_sha256 is not a sha256"):
+        read_shards_json(out)
+    del entry["index_bytes"]
+    (out / "shards.json").write_text(json.dumps({**manifest, "shards": [entry]}))
+    with pytest.raises(ShardError, match="no valid 'index_bytes'"):
+        read_shards_json(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from pipeline.data.dali_pipeline import (
 )
 from pipeline.data.extract import encode_png
 from pipeline.data.loader import build_train_loader
-from pipeline.data.shards import ShardError, write_index, write_shards
+from pipeline.data.shards import ShardError, describe_shard, write_index, write_shards
 
 SIZE, CROP = 24, 16
 
@@ -183,9 +184,17 @@ def test_sample_without_png_is_an_error_not_an_empty_tensor(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     write_index(tar_path, tmp_path / "shard-00000.idx")
+    entry = describe_shard(tar_path, tmp_path / "shard-00000.idx", 4)
     (tmp_path / "shards.json").write_text(
-        '{"format": "cugan-shards", "version": 1, "num_samples": 4, "crop_size": 24, '
-        '"shards": [{"tar": "shard-00000.tar", "index": "shard-00000.idx", "count": 4}]}'
+        json.dumps(
+            {
+                "format": "cugan-shards",
+                "version": 2,
+                "num_samples": 4,
+                "crop_size": 24,
+                "shards": [entry],
+            }
+        )
     )
     loader = build_train_loader(tmp_path, params(batch_size=2), seed=0)
     with pytest.raises(RuntimeError, match="png"):

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from pipeline.config import ShardVerification
 from pipeline.data.shards import SAMPLE_EXT, read_shards_json
 
 __all__ = [
@@ -120,14 +121,17 @@ class ShardSet:
         return (self.crop_size, self.crop_size, 3)
 
 
-def read_shard_set(shards_dir: str | Path) -> ShardSet:
-    """Read ``<shards_dir>/shards.json`` (checked by the shards stage's own reader).
+def read_shard_set(shards_dir: str | Path, *, verify: ShardVerification = "size") -> ShardSet:
+    """Read ``<shards_dir>/shards.json`` (checked by the shards stage's own reader) and check
+    the files against it: their sizes always (a stat per file), their sha256 with
+    ``verify="sha256"`` (``loader.verify_shards``; reads every byte once).
 
     Raises :class:`pipeline.data.shards.ShardError` (one line) for a missing or bad manifest,
-    :class:`LoaderError` for a crop size the loaders cannot use.
+    an old manifest without sizes and sha256, or a shard file that differs from it (truncated,
+    changed); :class:`LoaderError` for a crop size the loaders cannot use.
     """
     root = Path(shards_dir).resolve()
-    meta = read_shards_json(root)
+    meta = read_shards_json(root, verify=verify)
     crop_size = meta.get("crop_size")
     if not isinstance(crop_size, int) or crop_size <= 0:
         raise LoaderError(

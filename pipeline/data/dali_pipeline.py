@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,13 +72,17 @@ from pipeline.data.dali_graph import (
     window_blur,
     window_geometry,
 )
+from pipeline.data.shards import ShardError, read_shards_json
 from pipeline.degradation import level_grid
+from pipeline.errors import one_line
 
 __all__ = [
     "DEBUG_OUTPUTS",
     "OUTPUTS",
+    "DaliPipelineError",
     "DaliTrainLoader",
     "build_train_pipeline",
+    "dali_error_line",
     "degrade_nodes",
     "level_grid",
     "rank_seed",
@@ -365,6 +370,48 @@ def _to_numpy(tensor_list: Any) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # the TrainLoader
 
+_CRITICAL = "Critical error in pipeline"
+
+
+class DaliPipelineError(LoaderError, RuntimeError):
+    """DALI's pipeline failed while reading (one line, :func:`dali_error_line`); still the
+    ``RuntimeError`` DALI raised, for callers that catch that."""
+
+
+def dali_error_line(
+    err: BaseException, tars: Sequence[str | Path], indices: Sequence[str | Path]
+) -> str:
+    """DALI's multi-line ``Critical error in pipeline`` as one line: the shard, the operator
+    and DALI's own reason.
+
+    DALI repeats the header, quotes the graph's source line and a C++ context; the reason is
+    the line after ``encountered:``. A reader error names the index or tar it choked on (a
+    truncated tar: "offset is outside of the archive file"). A decoder error names no file:
+    then the shards are checked against the sha256 in ``shards.json`` (only now, on the
+    failure), which names the one that changed.
+    """
+    text = str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = next(
+        (lines[i + 1] for i, line in enumerate(lines[:-1]) if line == "encountered:"),
+        one_line(err),
+    )
+    reason = re.sub(r'^Assert on ".*?" failed: ', "", reason)
+    operator = re.search(r"operator `(?:nvidia\.dali\.)?([\w.]+)`", text)
+    where = f"DALI {operator.group(1) if operator else 'pipeline'}: {reason}"
+    for tar, index in zip(tars, indices, strict=True):
+        if str(tar) in text or str(index) in text:
+            return (
+                f"{tar}: unreadable shard ({where}); truncated or changed after the shards "
+                "stage: re-run it"
+            )
+    root = Path(tars[0]).parent
+    try:
+        read_shards_json(root, verify="sha256")
+    except ShardError as damaged:
+        return f"{damaged} ({where})"
+    return f"{where} (reading the shards in {root}, which match their shards.json)"
+
 
 def _pipeline_device_id(mode: str, device: torch.device) -> int | None:
     """``loader.device`` + target device -> DALI ``device_id`` (None: CPU pipeline)."""
@@ -482,7 +529,21 @@ class DaliTrainLoader:
         return self._iterator
 
     def iter_outputs(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The remaining batches of this epoch as raw output dicts (debug outputs included)."""
+        """The remaining batches of this epoch as raw output dicts (debug outputs included).
+
+        A pipeline failure (a shard truncated or changed after the start check) is raised as
+        one :class:`DaliPipelineError` line naming the shard (:func:`dali_error_line`).
+        """
+        try:
+            yield from self._iter_outputs()
+        except RuntimeError as err:
+            if _CRITICAL not in str(err) or isinstance(err, DaliPipelineError):
+                raise
+            self._iterator = None  # DALI: "Current pipeline object is no longer valid"
+            args = self._pipeline_args
+            raise DaliPipelineError(dali_error_line(err, args["tars"], args["indices"])) from err
+
+    def _iter_outputs(self) -> Iterator[dict[str, torch.Tensor]]:
         iterator = self._ensure_iterator()
         if self._batch >= self._len:
             # The previous iteration stopped right after the epoch's last batch: let DALI end

@@ -17,6 +17,7 @@ with a fixed zlib level, so their bytes are reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -120,23 +121,31 @@ def extract_subimages(
     with staging_dir(out_dir) as tmp:
         with open(tmp / TAR, "wb") as fp:
             writer = deterministic_tar_writer(fp)
-            results = ordered_map(work, train, workers=workers)
-            for entry, crops in zip(
-                train, progress(results, total=len(train), description="extract"), strict=True
-            ):
-                if not crops:
-                    report.add_skipped(
-                        entry["name"],
-                        (
-                            f"too small: {entry['width']}x{entry['height']} is smaller than the "
-                            f"crop size {params.crop_size}"
-                        ),
-                    )
-                    continue
-                report.add_ok(entry["name"])
-                for key, y, x, data in crops:
-                    writer.write({"__key__": key, "png": data})
-                    records.append({"key": key, "image": entry["name"], "y": y, "x": x})
+            try:
+                results = ordered_map(work, train, workers=workers)
+                for entry, crops in zip(
+                    train, progress(results, total=len(train), description="extract"), strict=True
+                ):
+                    if not crops:
+                        report.add_skipped(
+                            entry["name"],
+                            (
+                                f"too small: {entry['width']}x{entry['height']} is smaller than "
+                                f"the crop size {params.crop_size}"
+                            ),
+                        )
+                        continue
+                    report.add_ok(entry["name"])
+                    for key, y, x, data in crops:
+                        writer.write({"__key__": key, "png": data})
+                        records.append({"key": key, "image": entry["name"], "y": y, "x": x})
+            except BaseException:
+                # Close the tar stream now (a full disk fails this too): left open, it would
+                # try again when collected, after the file is closed, and print a traceback
+                # ("Exception ignored ... write to closed file") after the stage's one line.
+                with contextlib.suppress(OSError, ValueError):
+                    writer.close()
+                raise
             writer.close()
         with tarfile.open(tmp / TAR) as tf:
             members = tf.getmembers()

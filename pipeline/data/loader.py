@@ -65,8 +65,8 @@ def build_train_loader(
         raise LoaderError(f"rank {rank} is not in [0, world_size={world_size})")
     if seed < 0:
         raise LoaderError(f"seed must be >= 0 (got {seed})")
-    shards = read_shard_set(shards_dir)
     cfg = params.loader
+    shards = read_shard_set(shards_dir, verify=cfg.verify_shards)
     if cfg.crop > shards.crop_size:
         raise LoaderError(
             f"loader.crop {cfg.crop} is larger than the shards' sub-images ({shards.crop_size})"

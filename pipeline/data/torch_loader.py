@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from pipeline.data.batch import (
     shard_range,
 )
 from pipeline.degradation import degrade, sample_levels
+from pipeline.errors import one_line
 
 __all__ = [
     "PatchDraw",
@@ -99,7 +101,10 @@ class SampleTable:
             fd = files[t] = os.open(self.tars[t], os.O_RDONLY)
         data = os.pread(fd, size, int(self.offset[i]) + start)
         if len(data) != size:
-            raise LoaderError(f"{self.tars[t]}: truncated at sample {self.keys[i]!r}")
+            raise LoaderError(
+                f"{self.tars[t]}: truncated at sample {self.keys[i]!r} (changed after the "
+                "shards stage: re-run it)"
+            )
         return data
 
     def read(self, i: int, files: dict[int, int]) -> bytes:
@@ -116,6 +121,18 @@ class SampleTable:
         data = self._pread(i, files, (y1 - y0) * row, y0 * row)
         pixels = np.frombuffer(data, np.uint8).reshape(y1 - y0, self.sub_size, 3)
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+    def read_rgb(self, i: int, files: dict[int, int]) -> torch.Tensor:
+        """Sample ``i`` decoded (:func:`decode_rgb`); bytes that are no PNG -- a shard changed
+        after the shards stage, its size intact -- are one LoaderError line naming the tar."""
+        data = self.read(i, files)
+        try:
+            return decode_rgb(data)
+        except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for broken data
+            raise LoaderError(
+                f"{self.tars[int(self.tar_of[i])]}: sample {self.keys[i]!r} is not a readable "
+                f"PNG ({one_line(err)}); changed after the shards stage: re-run it"
+            ) from None
 
 
 def read_index(path: str | Path, ext: str = "png") -> list[tuple[int, int, str]]:
@@ -332,7 +349,7 @@ class _EpochBatches(Dataset):
         size = self.table.image_size(i, self._files)
         image = None
         if size is None:  # png: decode the whole sub-image to learn its size
-            image = decode_rgb(self.table.read(i, self._files))
+            image = self.table.read_rgb(i, self._files)
             size = (image.shape[1], image.shape[2])
         draw = draw_patch(size[0], size[1], self.crop, gen)
         win = context_window(
@@ -368,6 +385,15 @@ class _EpochBatches(Dataset):
     def __del__(self) -> None:
         for fd in getattr(self, "_files", {}).values():
             os.close(fd)
+
+
+def _worker_line(err: LoaderError) -> str:
+    """The original message of a LoaderError re-raised by a DataLoader worker (its last line,
+    ``pipeline.data.batch.LoaderError: <message>``), or the message itself."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[0].startswith("Caught "):
+        return str(err)
+    return re.sub(r"^[\w.]*LoaderError: ", "", lines[-1].strip())
 
 
 class TorchTrainLoader:
@@ -441,9 +467,14 @@ class TorchTrainLoader:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=self.prefetch if workers else None,
         )
-        for batch in loader:
-            self._batch += 1
-            yield Batch(*(t.to(self.device, non_blocking=True) for t in batch))
+        try:
+            for batch in loader:
+                self._batch += 1
+                yield Batch(*(t.to(self.device, non_blocking=True) for t in batch))
+        except LoaderError as err:
+            # From a DataLoader worker the message is "Caught LoaderError in DataLoader worker
+            # process 0." + the worker's traceback: give the worker's own line again.
+            raise LoaderError(_worker_line(err)) from err
         self._epoch, self._batch = self._epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:

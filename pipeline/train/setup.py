@@ -6,7 +6,9 @@ iteration loop (:mod:`pipeline.train.loop`) consumes.
 
 Order matters and is the same on every rank: networks are built from the same seeds (so all
 ranks start identical before DDP broadcasts anything), weights come from the checkpoint being
-resumed (else G from ``init_dir``), modules move to the worker's device, THEN optimisers are
+resumed (else G from ``init_dir``), under DDP their BatchNorm layers become synchronised ones
+(:mod:`pipeline.train.sync_norm`: statistics of the global batch, so that the GAN stage does
+not depend on the number of workers), modules move to the worker's device, THEN optimisers are
 built and their saved state loaded (``Optimizer.load_state_dict`` casts the moments to each
 parameter's device), and last the loader, RNG and fixed-degradation streams are put back at
 the checkpoint's position -- only when the checkpoint was written by the same number of
@@ -34,6 +36,7 @@ from pipeline.train.losses import GANLoss, PerceptualLoss
 from pipeline.train.session import Session
 from pipeline.train.state import TrainState, load_train_state, restore_rng
 from pipeline.train.steps import Nets, Optimizers
+from pipeline.train.sync_norm import sync_batch_norm
 from pipeline.train.testing import TestHooks
 from pipeline.train.worker_config import WorkerConfig
 
@@ -245,6 +248,11 @@ def set_up_worker(
         log.info("%s: resuming from the checkpoint at iteration %d", config.tag, start)
     elif rank == 0 and config.init_dir is not None:
         log.info("%s: G starts from %s", config.tag, config.init_dir)
+    if world > 1:
+        # Under DDP, BatchNorm (D's) normalises over the global batch, not each rank's share:
+        # otherwise the GAN stage would depend on the number of workers (sync_norm docstring).
+        g = sync_batch_norm(g, device)
+        d = sync_batch_norm(d, device) if d is not None else None
     for module in (g, d, perceptual):
         if module is not None:
             module.to(device)

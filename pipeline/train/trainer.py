@@ -252,9 +252,19 @@ def _digest(
     hooks: TestHooks | None,
 ) -> str:
     """The run identity (module docstring): the params that define training, the data (the
-    shards manifest, or a test's synthetic data), the starting checkpoint and the code."""
+    shards manifest, or a test's synthetic data), the starting checkpoint and the code.
+
+    ``shards.json`` records every shard's size and sha256 (tar and index,
+    :mod:`pipeline.data.shards`), so hashing it covers the shards' content: shards rewritten
+    with other samples but the same counts give a new run, never a resume of the old one.
+    That the files still match the manifest is checked where they are read (sizes always,
+    sha256 with ``loader.verify_shards``), so that setting, which does not change what is
+    trained, is left out here: switching it on must not restart a run.
+    """
     h = hashlib.sha256()
-    defining = params.model_dump(mode="json", exclude={"ray", "tracking"})
+    defining = params.model_dump(
+        mode="json", exclude={"ray": True, "tracking": True, "loader": {"verify_shards"}}
+    )
     identity = hooks.identity() if hooks is not None else {}
     h.update(
         json.dumps(
