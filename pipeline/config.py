@@ -280,17 +280,12 @@ class EvalParams(_Section):
 
     @model_validator(mode="after")
     def _check_references(self) -> EvalParams:
-        seen = set()
-        for ref in self.references:
-            name = ref.split(":")[1] if ref.startswith("folder:") else ref
-            if not _REFERENCE_RE.match(ref):
-                raise ValueError(
-                    f"references: {ref!r} is not input, bm3d or folder:NAME:DIR "
-                    "(NAME of letters, digits, _ . -)"
-                )
-            if name in seen:
-                raise ValueError(f"references: {name!r} is listed twice")
-            seen.add(name)
+        bad = [r for r in self.references if not _REFERENCE_RE.match(r)]
+        if bad:
+            raise ValueError(f"references: {bad[0]!r} is not input, bm3d or folder:NAME:DIR")
+        names = [r.split(":")[1] if r.startswith("folder:") else r for r in self.references]
+        if len(set(names)) != len(names):
+            raise ValueError(f"references: a name is listed twice (got {names})")
         return self
 
 

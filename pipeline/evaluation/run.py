@@ -3,10 +3,10 @@
 :func:`run_evaluation` is the ONE definition of that sequence: plan (the models plus their
 baselines and the references, each checkpoint loaded and the metric suite built once, for
 scoring AND figures) -> score -> write the metrics/plots files -> figures (or their
-placeholders) -> publish (print the tables) -> log to MLflow. ``stages/evaluate.py`` runs it as is; the Prefect
-flow (``flows/evaluate.py``) runs the same function with a ``run_step`` that makes each step a
-Prefect task (retries on the I/O steps) and a ``publish`` that writes to the flow's log and a
-table artifact. Nothing else lists the steps.
+placeholders) -> publish (print the tables) -> log to MLflow. ``stages/evaluate.py`` runs it
+as is; the Prefect flow (``flows/evaluate.py``) runs the same function with a ``run_step``
+that makes each step a Prefect task (retries on the I/O steps) and a ``publish`` that writes
+to the flow's log and a table artifact. Nothing else lists the steps.
 
 MLflow (:func:`log_report_to_mlflow`, through :mod:`pipeline.tracking`): each model's metrics
 (``eval/<set>/<setting>/<metric>``, ``eval/distance/...``), the tags that say what they are and

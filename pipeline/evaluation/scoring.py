@@ -103,7 +103,7 @@ def score_plan(
         models=models,
         sets=list(plan.sets),
         settings=keys,
-        metrics={**plan.kind_metrics, REFERENCE_KIND: _reference_metrics(plan)},  # type: ignore[dict-item]
+        metrics={**plan.kind_metrics, REFERENCE_KIND: _reference_metrics(plan)},
         labels=dict(plan.suite.labels),
         random=dict(plan.suite.random),
         crop_border=ev.crop_border,

@@ -166,7 +166,8 @@ def parse_model_spec(spec: str) -> ModelSpec:
             "(e.g. cunet:mse:runs/train_cunet/model or cunet:mse:models:/cunet@champion)"
         )
     uri = parts[2] if is_model_uri(parts[2]) else None
-    return ModelSpec(name=parts[0], kind=parts[1], path=Path(parts[2]), uri=uri)  # type: ignore[arg-type]
+    kind: Kind = "mse" if parts[1] == "mse" else "gan"
+    return ModelSpec(name=parts[0], kind=kind, path=Path(parts[2]), uri=uri)
 
 
 def parse_reference(text: str) -> ReferenceSpec:
