@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -237,6 +238,7 @@ class LoaderParams(_Section):
 # evaluation, figures, ablation sweep, scheduled retraining (pipeline/evaluation.py, flows/)
 
 _EvalMetric = Literal["psnr_rgb", "psnr_y", "ssim_rgb", "ssim_y", "lpips", "dists"]
+_REFERENCE_RE = re.compile(r"^(input|bm3d|folder:[A-Za-z0-9_.-]+:.+)$")
 
 
 class FigureParams(_Section):
@@ -284,7 +286,25 @@ class EvalParams(_Section):
     # Cap on images per set (smoke runs); null: all.
     max_images: int | None = Field(None, gt=0)
     mlflow_experiment: str = "cugan-evaluate"
+    # pad: pad to the network's multiple and crop back (full size, ours). crop16: crop clean and
+    # degraded images to multiples of 16 from the top-left first, as the authors' test code does
+    # (the paper-comparison tables use it). Written in every metrics file and table title.
+    size_mode: Literal["pad", "crop16"] = "pad"
+    # Methods scored beside the models (the degraded input is always one): "bm3d" (CBM3D given
+    # the true sigma, noise-only settings; slow on a CPU) and "folder:NAME:DIR" (another
+    # method's outputs laid out as DIR/<set>/<setting>/<image>.png).
+    references: tuple[str, ...] = ()
     figures: FigureParams = FigureParams()
+
+    @model_validator(mode="after")
+    def _check_references(self) -> EvalParams:
+        bad = [r for r in self.references if not _REFERENCE_RE.match(r)]
+        if bad:
+            raise ValueError(f"references: {bad[0]!r} is not input, bm3d or folder:NAME:DIR")
+        names = [r.split(":")[1] if r.startswith("folder:") else r for r in self.references]
+        if len(set(names)) != len(names):
+            raise ValueError(f"references: a name is listed twice (got {names})")
+        return self
 
 
 class SweepVariant(_Section):

@@ -45,6 +45,15 @@ constructor, after which our resolved VGG16 weights are loaded. The input is NOT
 on the short side (the authors' ``prepare_image(resize=True)`` option; torchmetrics does not
 resize either): we compare at full resolution. Label: ``dists-vgg16``.
 
+Reference features (:meth:`LPIPSMetric.reference`, :meth:`DISTSMetric.reference`): scoring
+several restorations of one clean image recomputes the clean image's backbone features on every
+call, and neither library takes precomputed features. Inside ``with metric.reference():``
+the library's own backbone call (lpips' ``net.forward``, torchmetrics' ``forward_once``) is
+memoised by input CONTENT: an input equal to one seen in the block gets the features computed
+for it then. The libraries' forward functions run unchanged and the numbers are bitwise those of
+separate calls (batching several restorations per pass instead is NOT bitwise: oneDNN picks
+other convolution kernels for other batch sizes, ~3e-8 apart on DISTS).
+
 Both learned metrics take ``pretrained`` (``imagenet`` | ``auto`` | ``random``, see
 :mod:`pipeline.pretrained`) and append ``[RANDOM BACKBONE: not comparable]`` to their ``label``
 whenever the backbone is not the real ImageNet one. Random backbones are initialised from a fixed
@@ -53,9 +62,11 @@ seed inside a forked RNG, so building a metric never disturbs the caller's globa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lpips
@@ -204,6 +215,42 @@ def _features_state(
     return out
 
 
+class _FeatureMemo:
+    """A backbone call remembered for the inputs last seen (at most ``keep``), compared by
+    content: the same input gives the features computed for it, bitwise, without the work."""
+
+    def __init__(self, fn: Callable[[Tensor], Any], keep: int = 2) -> None:
+        self.fn, self.keep = fn, keep
+        self.entries: list[tuple[Tensor, Any]] = []
+        self.computed = 0  # backbone passes run (the tests count them)
+
+    def __call__(self, x: Tensor) -> Any:
+        for i, (key, value) in enumerate(self.entries):
+            if key.shape == x.shape and key.dtype == x.dtype and torch.equal(key, x):
+                self.entries.append(self.entries.pop(i))  # most recently used last
+                return value
+        value = self.fn(x)
+        self.computed += 1
+        self.entries = [*self.entries[-(self.keep - 1) :], (x.detach().clone(), value)]
+        return value
+
+
+@contextlib.contextmanager
+def _memoised(owner: nn.Module, attr: str) -> Iterator[_FeatureMemo]:
+    """``owner.<attr>`` (a bound method the library calls as ``self.<attr>(x)``) memoised for
+    the block; re-entrant (an inner block shares the outer memo)."""
+    current = owner.__dict__.get(attr)
+    if isinstance(current, _FeatureMemo):
+        yield current
+        return
+    memo = _FeatureMemo(getattr(owner, attr))
+    owner.__dict__[attr] = memo
+    try:
+        yield memo
+    finally:
+        del owner.__dict__[attr]
+
+
 class LPIPSMetric(nn.Module):
     """LPIPS (AlexNet, v0.1) on [0, 1] images -> ``Tensor[B]`` (lower is more similar).
 
@@ -237,6 +284,11 @@ class LPIPSMetric(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         a, b = _check_pair(a, b)
         return self.model(a, b, normalize=True).reshape(a.shape[0])
+
+    def reference(self) -> contextlib.AbstractContextManager[_FeatureMemo]:
+        """Within the block, AlexNet features of an image seen before are not recomputed (the
+        clean image's, when it is scored against several restorations)."""
+        return _memoised(self.model.net, "forward")
 
 
 def _offline_vgg16(weights: Any = None, **_: Any) -> nn.Module:
@@ -296,3 +348,8 @@ class DISTSMetric(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         a, b = _check_pair(a, b)
         return self.model(a, b, require_grad=False).reshape(a.shape[0])
+
+    def reference(self) -> contextlib.AbstractContextManager[_FeatureMemo]:
+        """Within the block, VGG16 features of an image seen before are not recomputed (the
+        clean image's, when it is scored against several restorations)."""
+        return _memoised(self.model, "forward_once")

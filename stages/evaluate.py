@@ -4,7 +4,7 @@ Writes ``<out>/metrics.json`` and ``<out>/paper.json`` (DVC metrics), ``<out>/pl
 (DVC plots) and ``<out>/figures/*.png``, prints the tables and logs everything to MLflow on each
 model's training run: :func:`pipeline.evaluation.run.run_evaluation`, the same steps the Prefect
 flow ``cugan-evaluate`` runs as tasks. Each model is driven with the z scale its checkpoint
-records.
+records; the degraded input (and ``evaluate.references``) are scored beside the models.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         required=True,
         metavar="NAME:KIND:PATH",
-        help="a generator checkpoint to evaluate, KIND mse or gan (repeatable)",
+        help="a generator checkpoint to evaluate, KIND mse or gan, PATH a directory or a "
+        "registry URI models:/NAME/VERSION or models:/NAME@ALIAS (repeatable)",
     )
     ap.add_argument("--evalsets", required=True, help="output of the evalsets stage")
     ap.add_argument("--out", required=True, help="directory for metrics, plots and figures")

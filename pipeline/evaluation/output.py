@@ -4,13 +4,17 @@ and plots files, and the rich tables people read. Shared by the DVC stage and th
 
 Files (each written atomically) under the output directory:
 
-* ``metrics.json``: ``info`` (crop_border, metric labels, ``random_backbones``, the distance
-  sign, each model's z scale), ``means[model][set][setting][metric]`` and
+* ``metrics.json``: ``info`` (size_mode, crop_border, metric labels, ``random_backbones``, the
+  distance sign, each model's z scale, the references), ``means[method][set][setting][metric]``
+  (models, fixed baselines and references, e.g. ``means.input``) and
   ``distance[model][set][setting][metric]``.
-* ``paper.json``: the side-by-side rows with the paper's published numbers.
+* ``paper.json``: the side-by-side rows with the paper's published numbers, and the size mode.
 * ``plots/per_image.csv``, ``plots/per_setting_{mse,gan}.csv``, ``plots/distance.csv``: one
-  row per image / per (model, set, setting), with a ``label`` column ``model/set/setting`` for
-  bar plots and a ``random_backbones`` column saying whether a row holds random-weight numbers.
+  row per image / per (method, set, setting), with a ``label`` column ``method/set/setting``
+  for bar plots and a ``random_backbones`` column saying whether a row holds random-weight
+  numbers. The references are in both per-setting files, with the metrics of each kind.
+
+Every table title says the size mode and the border crop the numbers were computed with.
 """
 
 from __future__ import annotations
@@ -102,21 +106,32 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike[str]) -> dict[st
         ),
     )
     kinds = {m.name: m.kind for m in report.models}
+    refs = set(report.reference_names)
     for kind in ("mse", "gan"):
-        rows = table_rows(means, [m for m in means.models() if kinds[m] == kind])
+        names = [m for m in means.models() if kinds.get(m) == kind]
+        rows = table_rows(means, names)
+        if names:  # the references sit in the tables of the kinds that were evaluated
+            keep = set(report.metrics.get(kind, ()))
+            rows += [
+                _row_dict(r, random_col(r.scores), keep)
+                for r in means.rows([m for m in means.models() if m in refs])
+            ]
         atomic_write_text(paths[f"per_setting_{kind}"], _csv_text(rows) if rows else "label\n")
     drows = table_rows(dist)
     atomic_write_text(paths["distance"], _csv_text(drows) if drows else "label\n")
     return paths
 
 
-def _row_dict(row: TableRow, random_backbones: bool) -> dict[str, Any]:
+def _row_dict(
+    row: TableRow, random_backbones: bool, keep: set[str] | None = None
+) -> dict[str, Any]:
+    scores = {k: v for k, v in row.scores.items() if keep is None or k in keep}
     return {
         "label": row.label,
         "model": row.model,
         "set": row.set,
         "setting": row.setting,
-        **row.scores,
+        **scores,
         "random_backbones": random_backbones,
     }
 
@@ -137,10 +152,11 @@ def paper_json(report: EvalReport) -> dict[str, Any]:
             },
         )
         t["settings"][row["setting"]] = {
-            k: v for k, v in row.items() if k.startswith(("paper_", "ours_"))
+            k: v for k, v in row.items() if k.startswith(("paper_", "ours_", "ref_"))
         }
     return {
         "evaluated_sets": list(report.sets),
+        "size_mode": report.size_mode,
         "crop_border": report.crop_border,
         "tables": tables,
     }
@@ -172,11 +188,14 @@ def render_tables(report: EvalReport) -> list[Any]:
     )
     tables = []
     means = report.means()
+    sizing = f"size_mode={report.size_mode}, crop_border={report.crop_border}"
+    refs = set(report.reference_names)
     for model in means.models():
+        role = " (reference)" if model in refs else ""
         for set_name in means.sets(model):
             tables.append(
                 _metric_table(
-                    f"{model} on {set_name} (crop_border={report.crop_border}){warn}",
+                    f"{model}{role} on {set_name} ({sizing}){warn}",
                     means,
                     model,
                     set_name,
@@ -188,8 +207,8 @@ def render_tables(report: EvalReport) -> list[Any]:
         for set_name in dist.sets(model):
             tables.append(
                 _metric_table(
-                    f"{model} distance to baselines on {set_name} "
-                    f"(PSNR/SSIM: baseline-ours; LPIPS/DISTS: ours-baseline; lower is better)"
+                    f"{model} distance to baselines on {set_name} ({sizing}; "
+                    f"PSNR/SSIM: baseline-ours; LPIPS/DISTS: ours-baseline; lower is better)"
                     f"{warn}",
                     dist,
                     model,
@@ -200,11 +219,13 @@ def render_tables(report: EvalReport) -> list[Any]:
     comparison = report.paper_comparison()
     for name in dict.fromkeys(r["table"] for r in comparison):
         rows = [r for r in comparison if r["table"] == name]
-        cols = [k for k in rows[0] if k.startswith(("paper_", "ours_"))]
+        cols = [k for k in rows[0] if k.startswith(("paper_", "ours_", "ref_"))]
         rnd = " [ours: RANDOM backbone weights]" if rows[0]["random_backbones"] else ""
         if rows[0]["set"] not in report.sets:
             rnd += f" [ours: not evaluated on {rows[0]['set']}]"
-        t = Table(title=f"Paper {name} vs ours on {rows[0]['set']}{rnd}")
+        if report.size_mode != "crop16":
+            rnd += " [ours: full size; the paper crops to multiples of 16 (size_mode crop16)]"
+        t = Table(title=f"Paper {name} vs ours on {rows[0]['set']} ({sizing}){rnd}")
         t.add_column("setting", no_wrap=True)
         for c in cols:
             t.add_column(c, justify="right")

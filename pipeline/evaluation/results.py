@@ -4,13 +4,16 @@ model -> set -> setting -> metric.
 
 Aggregates (paper section 4.2, method doc):
 
-* **means**: per (model, set, setting) the mean over images, and per (model, set) the setting
-  ``"all"``: the mean over that model's settings of the per-setting means.
-* **distances** to the fixed-degradation baselines (Unet / UGAN) where a baseline checkpoint
-  exists for a setting, signed so that lower is better for every metric: ``baseline - ours``
-  for PSNR/SSIM (higher is better) and ``ours - baseline`` for LPIPS/DISTS.
-* **the paper comparison**: the published numbers (:mod:`pipeline.paper`) beside ours, filled
-  in only for the set the paper used (CBSD68 for Table 2, LIVE1 for Table 1).
+* **means**: per (method, set, setting) the mean over images, and per (method, set) the
+  setting ``"all"``: the mean over that method's settings of the per-setting means. Methods are
+  the models, the fixed baselines and the references (the degraded ``input``, BM3D, folders).
+* **distances** of the models to the fixed-degradation baselines (Unet / UGAN) where a baseline
+  checkpoint exists for a setting, signed so that lower is better for every metric:
+  ``baseline - ours`` for PSNR/SSIM (higher is better) and ``ours - baseline`` for LPIPS/DISTS.
+  References have none: they are not "ours".
+* **the paper comparison**: the published numbers (:mod:`pipeline.paper`) beside ours
+  (``ours_<model>``, ``ours_<baseline row>``) and the references (``ref_<name>``), filled in
+  only for the set the paper used (CBSD68 for Table 2, LIVE1 for Table 1).
 
 Metric keys: ``<set>/<setting>/<metric>`` with the setting named ``blur{r:g}_noise{sigma:g}``
 (e.g. ``holdout/blur2_noise30/psnr_rgb``); ``<set>/all/<metric>`` is the mean over settings.
@@ -26,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.condition import ConditionScale, setting_key
-from pipeline.evaluation.specs import ModelSpec
-from pipeline.evaluation.terms import HIGHER_IS_BETTER, EvalError, Kind
+from pipeline.evaluation.specs import ModelSpec, ReferenceSpec
+from pipeline.evaluation.terms import HIGHER_IS_BETTER, EvalError, RowKind
 from pipeline.paper import PAPER_TABLES, PaperTable
 
 __all__ = ["ALL_SETTINGS", "EvalReport", "MetricTable", "ScoreRow", "TableRow"]
@@ -38,10 +41,11 @@ ALL_SETTINGS = "all"
 
 @dataclass(frozen=True)
 class ScoreRow:
-    """The scores of one model on one image of one setting."""
+    """The scores of one method (``model``: its name) on one image of one setting; ``kind`` is
+    the model's kind, or ``"reference"``."""
 
     model: str
-    kind: Kind
+    kind: RowKind
     set: str
     setting: str
     image: str
@@ -151,24 +155,34 @@ class MetricTable:
 class EvalReport:
     """Everything one evaluation produced, in plain data (written, printed and logged as is).
 
-    ``scales`` records the z scale each model was driven with (its checkpoint's).
+    ``models`` are the checkpoints (models and fixed baselines), ``references`` the reference
+    methods; ``scales`` records the z scale each model was driven with (its checkpoint's);
+    ``size_mode`` how the images were sized (``pad`` | ``crop16``); ``method_seconds`` the
+    wall time each method took (restoring and scoring).
     """
 
     rows: list[ScoreRow]
     models: list[ModelSpec]
     sets: list[str]
     settings: list[str]
-    metrics: dict[Kind, tuple[str, ...]]
+    metrics: dict[RowKind, tuple[str, ...]]
     labels: dict[str, str]
     random: dict[str, bool]
     crop_border: int
     model_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     scales: dict[str, ConditionScale] = field(default_factory=dict)
     seconds: float = 0.0
+    references: list[ReferenceSpec] = field(default_factory=list)
+    size_mode: str = "pad"
+    method_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def random_backbones(self) -> bool:
         return any(self.random.values())
+
+    @property
+    def reference_names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.references)
 
     # -- aggregates ---------------------------------------------------------------------------
 
@@ -247,18 +261,27 @@ class EvalReport:
                 row[f"ours_{table.baseline_row}"] = (
                     means.get(base.name, table.dataset, key, table.metric) if base else None
                 )
+                for ref in self.references:
+                    row[f"ref_{ref.name}"] = means.get(ref.name, table.dataset, key, table.metric)
                 row["random_backbones"] = self.random.get(table.metric, False)
                 rows.append(row)
         return rows
 
     def flat_metrics(self) -> dict[str, float]:
-        """``{model}/{set}/{setting}/{metric}`` -> mean, and the distances under
-        ``{model}/distance/{set}/{setting}/{metric}``."""
-        flat = {f"{m}/{s}/{st}/{k}": v for m, s, st, k, v in self.means().cells()}
+        """The checkpoints' numbers: ``{model}/{set}/{setting}/{metric}`` -> mean, and the
+        distances under ``{model}/distance/{set}/{setting}/{metric}`` (the references' are
+        :meth:`reference_metrics`)."""
+        refs = set(self.reference_names)
+        flat = {f"{m}/{s}/{st}/{k}": v for m, s, st, k, v in self.means().cells() if m not in refs}
         flat.update(
             {f"{m}/distance/{s}/{st}/{k}": v for m, s, st, k, v in self.distances().cells()}
         )
         return flat
+
+    def reference_metrics(self) -> dict[str, float]:
+        """The references' means: ``{reference}/{set}/{setting}/{metric}`` -> mean."""
+        refs = set(self.reference_names)
+        return {f"{m}/{s}/{st}/{k}": v for m, s, st, k, v in self.means().cells() if m in refs}
 
     def score(self, model: str, key: str) -> float:
         """One aggregate by its key ``<set>/<setting or all>/<metric>``; EvalError if absent."""
@@ -273,6 +296,7 @@ class EvalReport:
     def info(self) -> dict[str, Any]:
         """The JSON fields that say what the numbers are."""
         return {
+            "size_mode": self.size_mode,
             "crop_border": self.crop_border,
             "random_backbones": self.random_backbones,
             "random_metrics": sorted(k for k, v in self.random.items() if v),
@@ -286,12 +310,21 @@ class EvalReport:
                 m.name: {
                     "kind": m.kind,
                     "path": str(m.path),
+                    "uri": m.uri,
                     "setting": setting_key(*m.setting) if m.setting else None,
                     "condition_scale": (
                         self.scales[m.name].to_dict() if m.name in self.scales else None
                     ),
                 }
                 for m in self.models
+            },
+            "references": {
+                r.name: {
+                    "source": r.source,
+                    "path": str(r.path) if r.path is not None else None,
+                    "what": r.describe(),
+                }
+                for r in self.references
             },
         }
 

@@ -1,16 +1,19 @@
 """The whole evaluation of the DVC ``evaluate`` stage, as one sequence of named steps.
 
 :func:`run_evaluation` is the ONE definition of that sequence: plan (the models plus their
-baselines) -> score -> write the metrics/plots files -> figures (or their placeholders) ->
-publish (print the tables) -> log to MLflow. ``stages/evaluate.py`` runs it as is; the Prefect
-flow (``flows/evaluate.py``) runs the same function with a ``run_step`` that makes each step a
-Prefect task (retries on the I/O steps) and a ``publish`` that writes to the flow's log and a
-table artifact. Nothing else lists the steps.
+baselines and the references, each checkpoint loaded and the metric suite built once, for
+scoring AND figures) -> score -> write the metrics/plots files -> figures (or their
+placeholders) -> publish (print the tables) -> log to MLflow. ``stages/evaluate.py`` runs it
+as is; the Prefect flow (``flows/evaluate.py``) runs the same function with a ``run_step``
+that makes each step a Prefect task (retries on the I/O steps) and a ``publish`` that writes
+to the flow's log and a table artifact. Nothing else lists the steps.
 
 MLflow (:func:`log_report_to_mlflow`, through :mod:`pipeline.tracking`): each model's metrics
 (``eval/<set>/<setting>/<metric>``, ``eval/distance/...``), the tags that say what they are and
 the files go to the run its training stage recorded (``tracking.json`` beside the checkpoint),
-else to a new run in ``evaluate.mlflow_experiment`` tagged with the checkpoint path.
+else to a new run in ``evaluate.mlflow_experiment`` tagged with the checkpoint path. The
+references' numbers go to every model's run as ``eval/ref/<reference>/<set>/<setting>/<metric>``,
+beside the model's own.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from typing import Any, Protocol, TypeVar
 from pipeline.config import Params
 from pipeline.evaluation.figures import make_figures, write_placeholders
 from pipeline.evaluation.output import print_report, write_report
+from pipeline.evaluation.plan import EvalPlan, plan_evaluation
 from pipeline.evaluation.results import EvalReport
-from pipeline.evaluation.scoring import evaluate_models
-from pipeline.evaluation.specs import ModelSpec, with_baselines
+from pipeline.evaluation.scoring import score_plan
+from pipeline.evaluation.specs import ModelSpec
 from pipeline.tracking import create_run, end_run, log_to_run, recorded_run_id, resolve_tracking_uri
 
 __all__ = [
@@ -47,7 +51,7 @@ T = TypeVar("T")
 class Step(StrEnum):
     """The steps of an evaluation, in the order :func:`run_evaluation` runs them."""
 
-    PLAN = "plan"  # the models asked for plus the baselines found (evaluate.baselines_*)
+    PLAN = "plan"  # the models asked for, the baselines found, the references; loaded once
     SCORE = "score"  # restore and measure (pipeline.evaluation.scoring)
     WRITE = "write"  # metrics.json, paper.json, plots/*.csv
     FIGURES = "figures"  # figures/*.png and the curve CSVs, or the placeholders DVC expects
@@ -79,18 +83,20 @@ class EvalRun:
 
 
 def draw_figures(
-    specs: Sequence[ModelSpec],
+    plan: EvalPlan,
     eval_root: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     params: Params,
     enabled: bool,
 ) -> list[Path]:
-    """The modulation figures of the modulation models (baselines have no z to modulate), or,
-    when disabled, the placeholder files the DVC stage declares."""
+    """The modulation figures of the modulation models (baselines and references have no z to
+    modulate), with the plan's loaded models, or, when disabled, the placeholder files the DVC
+    stage declares."""
     if not enabled:
         write_placeholders(out_dir)
         return []
-    return make_figures([m for m in specs if not m.is_baseline], eval_root, out_dir, params)
+    models = [m for m in plan.models if not m.is_baseline]
+    return make_figures(models, eval_root, out_dir, params, loaded=plan.generators)
 
 
 def log_evaluation(
@@ -125,13 +131,22 @@ def run_evaluation(
     publish the tables, log to MLflow (unless ``log_mlflow`` or ``tracking.enabled`` is false;
     the store is ``tracking_uri``, else the training stages' store,
     :func:`pipeline.tracking.resolve_tracking_uri`)."""
-    specs = run_step(Step.PLAN, with_baselines, models, params)
-    report = run_step(Step.SCORE, evaluate_models, specs, eval_root, params, progress=progress)
+    uri = tracking_uri or resolve_tracking_uri(params.tracking)
+    plan = run_step(
+        Step.PLAN,
+        plan_evaluation,
+        models,
+        params,
+        baselines=True,
+        tracking_uri=uri,
+        registry_dir=Path(out_dir).resolve() / "registry",
+    )
+    report = run_step(Step.SCORE, score_plan, plan, eval_root, params, progress=progress)
     paths = run_step(Step.WRITE, write_report, report, out_dir)
     extra = run_step(
         Step.FIGURES,
         draw_figures,
-        specs,
+        plan,
         eval_root,
         out_dir,
         params,
@@ -140,7 +155,6 @@ def run_evaluation(
     run_step(Step.PUBLISH, publish, report)
     runs: dict[str, str] = {}
     if log_mlflow and params.tracking.enabled:
-        uri = tracking_uri or resolve_tracking_uri(params.tracking)
         runs = run_step(Step.LOG, log_evaluation, report, paths, extra, uri, params)
     return EvalRun(report, dict(paths), list(extra), dict(runs))
 
@@ -161,11 +175,15 @@ def log_report_to_mlflow(
     training stage recorded (:func:`pipeline.tracking.recorded_run_id`), else a new run in
     ``experiment`` tagged with the checkpoint path. Metrics are ``eval/<set>/<setting>/<metric>``
     and ``eval/distance/...``; tags ``eval.random_backbones``, ``eval.crop_border``,
-    ``eval.sets`` and ``eval.label.<metric>`` say what the numbers are.
+    ``eval.sets``, ``eval.size_mode`` and ``eval.label.<metric>`` say what the numbers are. The
+    references' means go to every model's run under ``eval/ref/<reference>/...``.
     """
     flat = report.flat_metrics()
+    refs = {"eval/ref/" + k: v for k, v in report.reference_metrics().items()}
     tags = {
         "eval.random_backbones": str(report.random_backbones).lower(),
+        "eval.size_mode": report.size_mode,
+        "eval.references": ",".join(report.reference_names),
         "eval.crop_border": str(report.crop_border),
         "eval.sets": ",".join(report.sets),
         **{f"eval.label.{k}": v for k, v in report.labels.items()},
@@ -187,12 +205,17 @@ def log_report_to_mlflow(
                 tracking_uri,
                 experiment,
                 run_name=f"evaluate-{spec.name}",
-                tags={"cugan.model_path": str(spec.path), "cugan.model_kind": spec.kind},
+                tags={
+                    "cugan.model_path": str(spec.path),
+                    "cugan.model_kind": spec.kind,
+                    **({"cugan.model_uri": spec.uri} if spec.uri else {}),
+                },
                 artifact_location=artifact_location,
             )
             end_run(tracking_uri, run_id)  # a record, not a process: finished at once
         prefix = f"{spec.name}/"
         metrics = {"eval/" + k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+        metrics.update(refs)
         log_to_run(tracking_uri, run_id, metrics=metrics, tags=tags, artifacts=files)
         used[spec.name] = run_id
     return used

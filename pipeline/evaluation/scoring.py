@@ -1,15 +1,24 @@
-"""Scoring: every model restores every image of every chosen setting and is measured against
-the clean image; one implementation for the DVC ``evaluate`` stage, the Prefect flows, the
-ablation trials and the promotion rule.
+"""Scoring: every method restores every image of every setting it applies to and is measured
+against the clean image; one implementation for the DVC ``evaluate`` stage, the Prefect flows,
+the ablation trials and the promotion rule.
 
-* A model restores each setting ``(blur r, noise sigma)`` with the matching condition
+* A checkpoint restores each setting ``(blur r, noise sigma)`` with the matching condition
   ``z = scale.to_z(r, sigma)``, ``scale`` being the z scale ITS checkpoint records
-  (:mod:`pipeline.evaluation.specs`; unconditional baselines ignore z).
-* The restored image is the uint8 array :func:`pipeline.inference.restore` returns -- what the
-  CLI would write -- and the metrics (:class:`~pipeline.evaluation.suite.MetricSuite`) compare
-  it, as ``k / 255`` floats, with the clean image.
-* MSE models are scored with ``evaluate.mse_metrics``, GAN models with ``evaluate.gan_metrics``;
-  a fixed-degradation baseline on its own setting only.
+  (:mod:`pipeline.evaluation.specs`; unconditional baselines ignore z); the references restore
+  as :mod:`pipeline.evaluation.methods` says (the input: not at all).
+* The restored image is a uint8 array -- what the CLI would write -- and the metrics
+  (:class:`~pipeline.evaluation.suite.MetricSuite`) compare it, as ``k / 255`` floats, with the
+  clean image, both cut by ``evaluate.size_mode`` first (:func:`~pipeline.evaluation.sets.
+  fit_size`).
+* MSE models are scored with ``evaluate.mse_metrics``, GAN models with ``evaluate.gan_metrics``,
+  references with both (of the kinds evaluated); a fixed baseline on its own setting only.
+
+The loop runs image by image: each PNG is decoded once per evaluation (not once per model), the
+methods restore the image's settings, and everything is scored against the clean image inside
+one :meth:`~pipeline.evaluation.suite.MetricSuite.reference` block (its LPIPS/DISTS features are
+computed once per image, not once per restoration; each number is still the one-pair call's,
+bitwise). The rows come out in the order model -> set -> setting -> image, as the report files
+list them.
 """
 
 from __future__ import annotations
@@ -18,70 +27,24 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
-import torch
 from rich.progress import Progress
 
-from pipeline.condition import ConditionScale, setting_key
+from pipeline.condition import setting_key
 from pipeline.config import Params
 from pipeline.degradation import to_tensor
-from pipeline.device import resolve_device
+from pipeline.evaluation.methods import ImageRef, Method
+from pipeline.evaluation.plan import EvalPlan, plan_evaluation
 from pipeline.evaluation.results import EvalReport, ScoreRow
-from pipeline.evaluation.sets import EvalSet, load_eval_set
-from pipeline.evaluation.specs import ModelSpec, Prebuilt, load_model
-from pipeline.evaluation.suite import MetricSuite
-from pipeline.evaluation.terms import EvalError, Kind
+from pipeline.evaluation.sets import EvalSet, fit_size, load_eval_set
+from pipeline.evaluation.specs import ModelSpec, Prebuilt, ReferenceSpec
+from pipeline.evaluation.terms import REFERENCE_KIND, EvalError
 from pipeline.imageio import read_rgb8
-from pipeline.inference import restore
 
-__all__ = ["evaluate_images", "evaluate_models"]
+__all__ = ["evaluate_models", "score_plan"]
 
 log = logging.getLogger(__name__)
-
-
-def evaluate_images(
-    model: torch.nn.Module,
-    model_name: str,
-    kind: Kind,
-    eval_set: EvalSet,
-    settings: Sequence[tuple[float, float]],
-    suite: MetricSuite,
-    *,
-    scale: ConditionScale,
-    device: str | torch.device = "cpu",
-    tile: int | None = None,
-    tile_overlap: int = 32,
-    metric_names: Sequence[str] | None = None,
-    on_image: Callable[[], None] | None = None,
-) -> list[ScoreRow]:
-    """Restore and score every image of ``eval_set`` for each of ``settings`` (with the
-    suite's metrics, or ``metric_names`` of them), z from the model's own ``scale``."""
-    rows: list[ScoreRow] = []
-    clean_cache: dict[str, np.ndarray] = {}
-    for setting in settings:
-        try:
-            z = scale.to_z(setting[0], setting[1])
-        except ValueError as err:
-            raise EvalError(
-                f"model {model_name}: setting {setting_key(*setting)} lies outside the z scale "
-                f"its checkpoint records ({scale.describe()}): {err}"
-            ) from None
-        for image in eval_set.images:
-            if image not in clean_cache:
-                clean_cache[image] = read_rgb8(eval_set.gt_path(image)).array
-            degraded = read_rgb8(eval_set.degraded_path(setting, image)).array
-            restored = restore(
-                model, degraded, z, tile=tile, tile_overlap=tile_overlap, device=device
-            )
-            scores = suite(to_tensor(restored), to_tensor(clean_cache[image]), metric_names)
-            rows.append(
-                ScoreRow(model_name, kind, eval_set.name, setting_key(*setting), image, scores)
-            )
-            if on_image is not None:
-                on_image()
-    return rows
 
 
 def evaluate_models(
@@ -90,85 +53,140 @@ def evaluate_models(
     params: Params,
     *,
     loaded: Mapping[str, Prebuilt] | None = None,
+    references: Sequence[ReferenceSpec] = (),
     progress: bool = True,
 ) -> EvalReport:
-    """Evaluate every model on every set of ``params.evaluate`` (one :class:`MetricSuite`).
+    """Evaluate every model, and the ``references`` (none by default: the promotion rule and
+    the sweep's trials rank models; the stage and the flow add the degraded input and
+    ``evaluate.references`` through :func:`pipeline.evaluation.specs.reference_specs`), on
+    every set of ``params.evaluate``.
 
     ``loaded`` maps a model name to a generator built already, with its z scale (a
     :class:`~pipeline.checkpoint.LoadedGenerator` or ``(model, ConditionScale)``: the sweep's
     trials and tests pass one); otherwise the checkpoint at ``spec.path`` is loaded.
     """
+    plan = plan_evaluation(models, params, loaded=loaded, references=references)
+    return score_plan(plan, eval_root, params, progress=progress)
+
+
+def score_plan(
+    plan: EvalPlan, eval_root: str | os.PathLike[str], params: Params, *, progress: bool = True
+) -> EvalReport:
+    """Restore and score with every method of ``plan`` on its sets (one pass over the images)."""
     ev = params.evaluate
-    if not models:
-        raise EvalError("no models to evaluate")
-    names = [m.name for m in models]
-    if len(set(names)) != len(names):
-        raise EvalError(f"model names must be unique (got {names})")
-    sets = list(ev.sets or params.evalsets.sets)
-    settings = [tuple(map(float, s)) for s in (ev.settings or params.evalsets.settings)]
-    device = resolve_device(ev.device)
-    kinds = {m.kind for m in models}
-    metric_names = {"mse": tuple(ev.mse_metrics), "gan": tuple(ev.gan_metrics)}
-    suite = MetricSuite(
-        [n for k in ("mse", "gan") if k in kinds for n in metric_names[k]],
-        crop_border=ev.crop_border,
-        pretrained=params.base.pretrained,
-        weights_dir=params.base.weights_dir,
-        device=device if ev.metrics_on_device else "cpu",
-    )
-    eval_sets = [load_eval_set(eval_root, s, settings, max_images=ev.max_images) for s in sets]
+    eval_sets = [
+        load_eval_set(eval_root, s, plan.settings, max_images=ev.max_images) for s in plan.sets
+    ]
     start = time.perf_counter()
+    seconds = {m.spec.name: 0.0 for m in plan.methods}
     rows: list[ScoreRow] = []
-    meta: dict[str, dict[str, Any]] = {}
-    scales: dict[str, ConditionScale] = {}
-    total = sum(
-        len(es.images) * (1 if m.is_baseline else len(settings)) for m in models for es in eval_sets
-    )
+    total = sum(len(es.images) * len(plan.settings_of(m)) for m in plan.methods for es in eval_sets)
     with _progress(progress, total) as tick:
-        for spec in models:
-            model_settings = [spec.setting] if spec.setting is not None else settings
-            generator = load_model(spec, loaded)
-            meta[spec.name], scales[spec.name] = dict(generator.metadata), generator.scale
-            for es in eval_sets:
-                log.info(
-                    "evaluating %s on %s (%d images x %d settings, %s)",
-                    spec.name,
-                    es.name,
-                    len(es.images),
-                    len(model_settings),
-                    generator.scale.describe(),
-                )
-                rows += evaluate_images(
-                    generator.model,
-                    spec.name,
-                    spec.kind,
-                    es,
-                    model_settings,
-                    suite,
-                    scale=generator.scale,
-                    device=device,
-                    tile=ev.tile,
-                    tile_overlap=ev.tile_overlap,
-                    metric_names=metric_names[spec.kind],
-                    on_image=tick,
-                )
+        for es in eval_sets:
+            log.info(
+                "evaluating %d method(s) on %s (%d images x %d settings, size_mode %s)",
+                len(plan.methods),
+                es.name,
+                len(es.images),
+                len(plan.settings),
+                plan.size_mode,
+            )
+            for image in es.images:
+                rows += _score_image(plan, es, image, seconds, tick)
+    order = {m.spec.name: i for i, m in enumerate(plan.methods)}
+    set_order = {s: i for i, s in enumerate(plan.sets)}
+    keys = [setting_key(*s) for s in plan.settings]
+    rows.sort(key=lambda r: (order[r.model], set_order[r.set], keys.index(r.setting)))
+    models = plan.models
     return EvalReport(
         rows=rows,
-        models=list(models),
-        sets=sets,
-        settings=[setting_key(*s) for s in settings],
-        metrics=metric_names,  # type: ignore[arg-type]
-        labels=dict(suite.labels),
-        random=dict(suite.random),
+        models=models,
+        sets=list(plan.sets),
+        settings=keys,
+        metrics={**plan.kind_metrics, REFERENCE_KIND: _reference_metrics(plan)},
+        labels=dict(plan.suite.labels),
+        random=dict(plan.suite.random),
         crop_border=ev.crop_border,
-        model_meta=meta,
-        scales=scales,
+        model_meta={m.name: dict(plan.generators[m.name].metadata) for m in models},
+        scales={m.name: plan.generators[m.name].scale for m in models},
         seconds=time.perf_counter() - start,
+        references=plan.references,
+        size_mode=plan.size_mode,
+        method_seconds=seconds,
     )
+
+
+def _score_image(
+    plan: EvalPlan, es: EvalSet, image: str, seconds: dict[str, float], tick: Callable[[], None]
+) -> list[ScoreRow]:
+    """Every method's rows for one image: its PNGs decoded once, shared by the methods."""
+    mode = plan.size_mode
+    clean = fit_size(read_rgb8(es.gt_path(image)).array, mode, where=str(es.gt_path(image)))
+    degraded: dict[tuple[float, float], np.ndarray] = {}
+    rows: list[ScoreRow] = []
+    with plan.suite.reference():
+        for method in plan.methods:
+            rows += _score_method(plan, method, es, image, clean, degraded, seconds, tick)
+    return rows
+
+
+def _score_method(
+    plan: EvalPlan,
+    method: Method,
+    es: EvalSet,
+    image: str,
+    clean: np.ndarray,
+    degraded: dict[tuple[float, float], np.ndarray],
+    seconds: dict[str, float],
+    tick: Callable[[], None],
+) -> list[ScoreRow]:
+    """One method on one image: restore each of its settings (degraded PNGs decoded once, on
+    first use, into ``degraded``), then score the restorations."""
+    mode, ref = plan.size_mode, ImageRef(es.name, image)
+    t0 = time.perf_counter()
+    clean_t = to_tensor(clean)
+    settings = plan.settings_of(method)
+    restored = []
+    for setting in settings:
+        if setting not in degraded:
+            path = es.degraded_path(setting, image)
+            degraded[setting] = fit_size(read_rgb8(path).array, mode, where=str(path))
+        restored.append(_restore(method, degraded[setting], setting, ref, clean.shape))
+        tick()
+    scores = plan.suite.score_many(
+        [to_tensor(r) for r in restored], clean_t, plan.metric_names[method.spec.name]
+    )
+    kind = method.spec.kind if isinstance(method.spec, ModelSpec) else REFERENCE_KIND
+    seconds[method.spec.name] += time.perf_counter() - t0
+    return [
+        ScoreRow(method.spec.name, kind, es.name, setting_key(*s), image, sc)
+        for s, sc in zip(settings, scores, strict=True)
+    ]
+
+
+def _restore(
+    method: Method,
+    degraded: np.ndarray,
+    setting: tuple[float, float],
+    ref: ImageRef,
+    shape: tuple[int, ...],
+) -> np.ndarray:
+    out = method.restore(degraded, setting, ref)
+    if out.shape != shape or out.dtype != np.uint8:
+        raise EvalError(
+            f"{method.spec.name} restored {ref.set}/{setting_key(*setting)}/{ref.image} as "
+            f"{out.dtype} {out.shape}, the clean image is uint8 {shape}"
+        )
+    return out
+
+
+def _reference_metrics(plan: EvalPlan) -> tuple[str, ...]:
+    refs = plan.references
+    return plan.metric_names[refs[0].name] if refs else ()
 
 
 class _progress:
-    """A rich progress bar over images (a no-op when disabled); yields a tick function."""
+    """A rich progress bar over restorations (a no-op when disabled); yields a tick function."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self.enabled, self.total, self._bar = enabled, total, None

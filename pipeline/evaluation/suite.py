@@ -6,10 +6,17 @@ hold networks, and whether their backbones have real weights is recorded with ev
 * LPIPS (AlexNet v0.1, inputs in [0, 1] with ``normalize=True``) and DISTS. Computed with random
   backbone weights (no ImageNet weights offline) they are numbers about nothing: they keep their
   key but are labelled (``labels``, ``random``) wherever they appear.
+
+Several restorations of ONE clean image are scored together (:meth:`MetricSuite.score_many`,
+inside :meth:`MetricSuite.reference` for a whole image): LPIPS and DISTS compute the clean
+image's backbone features once, not once per restoration (:meth:`pipeline.metrics.LPIPSMetric.
+reference`). Every pair is still computed by the libraries' own forward, one pair per call, so
+every number equals the one-pair call bitwise (the tests check it); PSNR/SSIM are unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -73,18 +80,39 @@ class MetricSuite:
     ) -> dict[str, float]:
         """Scores of one restored ``[1, 3, H, W]`` image against its clean image, both in
         [0, 1]: every metric of the suite, or the subset ``names``."""
-        out: dict[str, float] = {}
-        restored, clean = restored.to(self.device), clean.to(self.device)
-        with torch.inference_mode():
-            for name in names or self.names:
-                if name in self._perceptual:
-                    value = self._perceptual[name](restored, clean)
-                else:
-                    fn = metrics.psnr if name.startswith("psnr") else metrics.ssim
-                    value = fn(
-                        restored, clean, crop_border=self.crop_border, y_channel=name.endswith("_y")
-                    )
-                out[name] = float(value.reshape(-1)[0])
+        return self.score_many([restored], clean, names)[0]
+
+    def reference(self) -> contextlib.AbstractContextManager[object]:
+        """Within the block, no perceptual backbone recomputes the features of an image it saw
+        before: open it around everything scored against one clean image."""
+        stack = contextlib.ExitStack()
+        for metric in self._perceptual.values():
+            if hasattr(metric, "reference"):
+                stack.enter_context(metric.reference())
+        return stack
+
+    def score_many(
+        self, restored: Sequence[Tensor], clean: Tensor, names: Sequence[str] | None = None
+    ) -> list[dict[str, float]]:
+        """Scores of several restorations ``[1, 3, H, W]`` of one clean ``[1, 3, H, W]`` image,
+        in order, each ``{metric: value}`` in the order of ``names`` (default: the suite's)."""
+        names = tuple(names or self.names)
+        clean = clean.to(self.device)
+        out: list[dict[str, float]] = []
+        with torch.inference_mode(), self.reference():
+            for r in restored:
+                r = r.to(self.device)
+                scores: dict[str, float] = {}
+                for name in names:
+                    if name in self._perceptual:
+                        value = self._perceptual[name](r, clean)
+                    else:
+                        fn = metrics.psnr if name.startswith("psnr") else metrics.ssim
+                        value = fn(
+                            r, clean, crop_border=self.crop_border, y_channel=name.endswith("_y")
+                        )
+                    scores[name] = float(value.reshape(-1)[0])
+                out.append(scores)
         return out
 
 
