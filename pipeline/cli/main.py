@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.checkpoint import CheckpointError
-from pipeline.cli import configs, degrade, official, restore
+from pipeline.cli import configs, degrade, export, official, restore
 from pipeline.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, Parser, UsageError
 from pipeline.config import ConfigError
 from pipeline.errors import one_line, os_error_line
@@ -21,7 +21,7 @@ from pipeline.inference import InferenceError
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The command modules, in the order ``cugan --help`` lists them; each has ``add_parser``.
-COMMANDS = (restore, degrade, official, configs)
+COMMANDS = (restore, degrade, export, official, configs)
 
 
 def build_parser() -> argparse.ArgumentParser:

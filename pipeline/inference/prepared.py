@@ -1,0 +1,124 @@
+"""A generator bound to the inference path chosen for it: :class:`PreparedModel`.
+
+:func:`prepare_model` is what a consumer calls once to run many images (the CLI, validation,
+the studio); :func:`pipeline.inference.restore.restore` takes either a prepared model or a
+plain generator. For a plain generator it asks :func:`default_prepared`, which keeps one
+prepared model per generator (weakly: it dies with the generator) and rebuilds it when the
+generator's weights changed in place since (a training loop validating its live module): the
+check compares each parameter's storage and autograd version counter, which every in-place
+update (an optimiser step, ``load_state_dict``) bumps.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from models.generator import Generator, GeneratorConfig
+from pipeline.device import resolve_device
+from pipeline.inference.choice import PathChoice, Workload, choose_path
+from pipeline.inference.paths import Backend, InferencePath, PathSpec, Precision, build_path
+
+__all__ = ["PreparedModel", "default_prepared", "prepare_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A generator and the built path to run it with on ``device``.
+
+    ``choice`` says which path and why (logged once when it was made).
+    """
+
+    model: Generator
+    path: InferencePath
+    choice: PathChoice
+    device: torch.device
+
+    @property
+    def config(self) -> GeneratorConfig:
+        return self.model.config
+
+    @property
+    def size_multiple(self) -> int:
+        return self.model.size_multiple
+
+    @property
+    def name(self) -> str:
+        return self.choice.spec.name
+
+
+def _example(model: Generator, device: torch.device):
+    m = model.size_multiple
+    side = max(64, 4 * m)
+    x = torch.zeros(1, model.config.in_channels, side, side, device=device)
+    z = torch.zeros(1, model.config.cond_dim, device=device) if model.config.conditional else None
+    return x, z
+
+
+def prepare_model(
+    model: Generator,
+    *,
+    device: str | torch.device = "cpu",
+    backend: Backend | str = Backend.AUTO,
+    precision: Precision | str = Precision.AUTO,
+    workload: Workload | None = None,
+    quiet: bool = False,
+) -> PreparedModel:
+    """Move ``model`` to ``device`` (eval mode; this mutates it, as ``module.to`` does), choose
+    its path (:func:`pipeline.inference.choice.choose_path`) and build it.
+
+    ``backend`` / ``precision``: ``auto`` or a requested one. ``workload``: how many images of
+    what size the caller expects (decides whether a setup cost is worth paying).
+    The choice is logged at INFO (DEBUG with ``quiet``).
+    """
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    choice = choose_path(model, dev, backend=backend, precision=precision, workload=workload)
+    path = build_path(model, choice.spec, dev, example=_example(model, dev))
+    log.log(
+        logging.DEBUG if quiet else logging.INFO,
+        "inference path %s on %s: %s",
+        choice.spec.name,
+        dev,
+        choice.reason,
+    )
+    return PreparedModel(model, path, choice, dev)
+
+
+def eager(model: Generator, device: str | torch.device = "cpu") -> PreparedModel:
+    """The reference path, without a probe (what every other path is compared to)."""
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    spec = PathSpec(Backend.EAGER)
+    return PreparedModel(model, build_path(model, spec, dev), PathChoice(spec, "requested"), dev)
+
+
+def _weights_token(model: Generator) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+_DEFAULTS: weakref.WeakKeyDictionary[Generator, tuple[torch.device, tuple, PreparedModel]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_prepared(model: Generator, device: torch.device, pixels: int) -> PreparedModel:
+    """The prepared model :func:`~pipeline.inference.restore.restore` uses for a plain generator
+    (module docstring): auto path, a library caller's workload, made once per generator and
+    device, rebuilt when its weights changed."""
+    model.to(device).eval()
+    token = _weights_token(model)
+    held = _DEFAULTS.get(model)
+    if held is not None and held[0] == device and held[1] == token:
+        return held[2]
+    # a rebuild (new weights, same generator) logs at DEBUG: the choice was logged already
+    prepared = prepare_model(
+        model, device=device, workload=Workload.library(pixels), quiet=held is not None
+    )
+    _DEFAULTS[model] = (device, token, prepared)
+    return prepared
