@@ -325,3 +325,20 @@ def test_vector_only_paths_send_a_z_map_through_the_eager_module() -> None:
     path(x, torch.zeros(1, 2))
     path(x, torch.zeros(1, 2, 8, 8))
     assert calls == ["graph", 4]
+
+
+def test_default_prepared_keeps_only_the_last_few_generators() -> None:
+    import gc
+    import weakref
+
+    from pipeline.inference import prepared as prepared_mod
+
+    first = build_generator("tiny")
+    gone = weakref.ref(first)
+    default_prepared(first, CPU, 32 * 32)
+    del first
+    for _ in range(prepared_mod.DEFAULTS_KEPT):
+        default_prepared(build_generator("tiny"), CPU, 32 * 32)
+    gc.collect()
+    assert gone() is None  # evicted, and nothing else held it
+    assert len(prepared_mod._DEFAULTS) == prepared_mod.DEFAULTS_KEPT

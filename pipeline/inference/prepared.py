@@ -2,9 +2,9 @@
 
 :func:`prepare_model` is what a consumer calls once to run many images (the CLI, validation,
 the studio); :func:`pipeline.inference.restore.restore` takes either a prepared model or a
-plain generator. For a plain generator it asks :func:`default_prepared`, which keeps one
-prepared model per generator (weakly: it dies with the generator) and rebuilds it when the
-generator's weights changed in place since (a training loop validating its live module): the
+plain generator. For a plain generator it asks :func:`default_prepared`, which keeps the
+prepared models of the last few generators and rebuilds one when its generator's weights
+changed in place since (a training loop validating its live module): the
 check compares each parameter's storage and autograd version counter, which every in-place
 update (an optimiser step, ``load_state_dict``) bumps.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -102,23 +103,32 @@ def _weights_token(model: Generator) -> tuple:
     return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
-_DEFAULTS: weakref.WeakKeyDictionary[Generator, tuple[torch.device, tuple, PreparedModel]] = (
-    weakref.WeakKeyDictionary()
-)
+#: The prepared models of the last few plain generators (id -> (weak ref, device, weights
+#: token, prepared)). Bounded, because a prepared model holds its generator: a weak-keyed map
+#: whose values point back at their keys would keep every generator alive.
+_DEFAULTS: OrderedDict[int, tuple[weakref.ref, torch.device, tuple, PreparedModel]] = OrderedDict()
+DEFAULTS_KEPT = 4
 
 
 def default_prepared(model: Generator, device: torch.device, pixels: int) -> PreparedModel:
     """The prepared model :func:`~pipeline.inference.restore.restore` uses for a plain generator
     (module docstring): auto path, a library caller's workload, made once per generator and
-    device, rebuilt when its weights changed."""
+    device (for the last :data:`DEFAULTS_KEPT` generators), rebuilt when its weights changed."""
     model.to(device).eval()
     token = _weights_token(model)
-    held = _DEFAULTS.get(model)
-    if held is not None and held[0] == device and held[1] == token:
-        return held[2]
+    held = _DEFAULTS.get(id(model))
+    if held is not None and held[0]() is model and held[1] == device and held[2] == token:
+        _DEFAULTS.move_to_end(id(model))
+        return held[3]
     # a rebuild (new weights, same generator) logs at DEBUG: the choice was logged already
     prepared = prepare_model(
-        model, device=device, workload=Workload.library(pixels), quiet=held is not None
+        model,
+        device=device,
+        workload=Workload.library(pixels),
+        quiet=held is not None and held[0]() is model,
     )
-    _DEFAULTS[model] = (device, token, prepared)
+    _DEFAULTS[id(model)] = (weakref.ref(model), device, token, prepared)
+    _DEFAULTS.move_to_end(id(model))
+    while len(_DEFAULTS) > DEFAULTS_KEPT:
+        _DEFAULTS.popitem(last=False)
     return prepared
