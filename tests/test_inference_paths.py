@@ -342,3 +342,26 @@ def test_default_prepared_keeps_only_the_last_few_generators() -> None:
     gc.collect()
     assert gone() is None  # evicted, and nothing else held it
     assert len(prepared_mod._DEFAULTS) == prepared_mod.DEFAULTS_KEPT
+
+
+def test_a_chosen_path_that_cannot_build_falls_back_to_eager(monkeypatch, demo, caplog) -> None:
+    from pipeline.inference import PathUnavailable
+    from pipeline.inference import prepared as prepared_mod
+
+    monkeypatch.setattr(
+        prepared_mod,
+        "choose_path",
+        lambda *a, **k: choice_mod.PathChoice(PathSpec(Backend.ONNX), "test"),
+    )
+    real = prepared_mod.build_path
+
+    def broken(model, spec, device, example=None):
+        if spec.name == "onnx":
+            raise PathUnavailable("onnx: no provider")
+        return real(model, spec, device, example=example)
+
+    monkeypatch.setattr(prepared_mod, "build_path", broken)
+    assert prepare_model(demo).name == "eager"
+    assert "running eager" in caplog.text
+    with pytest.raises(PathUnavailable, match="no provider"):
+        prepare_model(demo, backend="onnx")

@@ -21,6 +21,7 @@ import torch
 from models.generator import Generator, GeneratorConfig
 from pipeline.device import resolve_device
 from pipeline.inference.choice import PathChoice, Workload, choose_path
+from pipeline.inference.errors import PathUnavailable
 from pipeline.inference.paths import Backend, InferencePath, PathSpec, Precision, build_path
 
 __all__ = ["PreparedModel", "default_prepared", "prepare_model"]
@@ -80,7 +81,15 @@ def prepare_model(
     dev = resolve_device(device)
     model.to(dev).eval()
     choice = choose_path(model, dev, backend=backend, precision=precision, workload=workload)
-    path = build_path(model, choice.spec, dev, example=_example(model, dev))
+    try:
+        path = build_path(model, choice.spec, dev, example=_example(model, dev))
+    except PathUnavailable as err:
+        if Backend(backend) is not Backend.AUTO or choice.spec.name == "eager":
+            raise  # asked for explicitly: say why it cannot run
+        log.warning("inference path %s failed here (%s); running eager", choice.spec.name, err)
+        spec = PathSpec(Backend.EAGER)
+        choice = PathChoice(spec, f"{choice.spec.name} failed to build: {err}")
+        path = build_path(model, spec, dev)
     log.log(
         logging.DEBUG if quiet else logging.INFO,
         "inference path %s on %s: %s",
