@@ -38,7 +38,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +46,8 @@ import torch
 from models.registry import build_generator
 from pipeline.degradation import to_tensor, to_uint8
 from pipeline.inference import PathSpec, PathUnavailable, Workload, choose_path, cpu_features
-from pipeline.inference.choice import probe_image
-from pipeline.inference.geometry import pad_to_multiple, run_pieces
+from pipeline.inference.choice import probe_image, timed_pass
+from pipeline.inference.geometry import pad_to_multiple
 from pipeline.inference.paths import ALL_PATHS, build_path
 
 log = logging.getLogger("benchmarks.inference")
@@ -71,24 +70,6 @@ def _image(size: int) -> tuple[np.ndarray, str]:
         t = torch.nn.functional.pad(t, (0, max(0, size - w), 0, max(0, size - h)), mode="replicate")
         return to_uint8(t[..., :size, :size]), f"{files[0].name} (CBSD68, padded/cropped)"
     return probe_image(size), "synthetic probe image (no CBSD68 found)"
-
-
-def _run(path, model, x: torch.Tensor, z: torch.Tensor, device: torch.device):
-    start = time.perf_counter()
-    out = run_pieces(
-        path,
-        x,
-        z,
-        out_channels=model.config.out_channels,
-        multiple=model.size_multiple,
-        tile=None,
-        overlap=0,
-        device=device,
-        dtype=path.input_dtype,
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, (time.perf_counter() - start) * 1e3
 
 
 def run_benchmark(
@@ -133,7 +114,7 @@ def run_benchmark(
     with torch.inference_mode():
         for r in range(warmup + repeats):
             for name in order[r % len(order) :] + order[: r % len(order)]:
-                out, ms = _run(built[name], model, x, z, dev)
+                out, ms = timed_pass(built[name], model, x, z, dev)
                 outs[name] = out
                 if r >= warmup:
                     times[name].append(ms)

@@ -71,6 +71,7 @@ __all__ = [
     "machine_key",
     "probe_image",
     "probe_paths",
+    "timed_pass",
 ]
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,9 @@ def _probe_inputs(model: Generator, device: torch.device):
     return x, (zs if model.config.conditional else [None])
 
 
-def _restore_with(path, model: Generator, x, z, device) -> tuple[np.ndarray, float]:
+def timed_pass(path, model: Generator, x, z, device: torch.device) -> tuple[torch.Tensor, float]:
+    """One untiled pass of ``path`` over a padded CPU tensor, as :func:`restore` runs it: the
+    float32 CPU output and the milliseconds it took (the probe's and the benchmark's timer)."""
     start = time.perf_counter()
     out = run_pieces(
         path,
@@ -302,7 +305,12 @@ def _restore_with(path, model: Generator, x, z, device) -> tuple[np.ndarray, flo
         device=device,
         dtype=path.input_dtype,
     )
-    return to_uint8(out), (time.perf_counter() - start) * 1e3
+    return out, (time.perf_counter() - start) * 1e3  # .cpu() in run_pieces synchronised
+
+
+def _restore_with(path, model: Generator, x, z, device) -> tuple[np.ndarray, float]:
+    out, ms = timed_pass(path, model, x, z, device)
+    return to_uint8(out), ms
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
