@@ -40,6 +40,7 @@ def _run_tiled(model, x, z, tile, overlap, multiple, device, dtype):
         dtype=dtype,
     )
 
+
 Z = [0.5, 0.6]
 
 
