@@ -287,10 +287,10 @@ def _worker_env() -> dict[str, str]:
     daemons stay responsive. A training worker is the machine's main job: at nice 15 every
     nice-0 process (Ray's raylet, GCS and dashboard answering the controller's polls, the
     driver, anything else on the machine) preempts it at once, and each preemption of one of
-    its OpenMP threads stalls the whole team at the next barrier -- on a 2-core machine the
-    1-worker run kept 0.60 of the compute, against 0.84 in-process. Niceness 0 (Ray's own value
-    for job drivers) makes the worker an ordinary process; ``RAY_worker_niceness`` in the
-    environment overrides it.
+    its OpenMP threads stalls the whole team at the next barrier (issue 12, a quiet 2-core
+    machine: the 1-worker run kept 0.60 of the compute, against 0.84 in-process). Niceness 0
+    (Ray's own value for job drivers) makes the worker an ordinary process;
+    ``RAY_worker_niceness`` in the environment overrides it.
     """
     env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
     env[_NICENESS] = os.environ.get(_NICENESS, "0")
