@@ -1,352 +1,236 @@
-"""Inference speed of the generator: eager fp32 against every faster path we can offer.
+"""Inference speed of the generator: every path against eager fp32, and the chooser's default.
 
-    .venv/bin/python benchmarks/inference.py --size 512 --repeats 10 --threads 2 \
+    .venv/bin/python benchmarks/inference.py --size 512 --repeats 6 --threads 2 \
         --json bench-results/inference.json
 
-Measures milliseconds per image (batch 1, ``size x size``, the ``authors`` config by default)
-for each path, all under ``torch.inference_mode``:
+Milliseconds per image (batch 1, ``size x size``, the ``authors`` config by default) for each
+inference path of :mod:`pipeline.inference.paths` -- the very objects ``cugan restore``,
+evaluation, validation and the studio run -- under ``torch.inference_mode``:
 
-* ``eager``          fp32, contiguous (NCHW): the baseline every ratio refers to;
-* ``channels_last``  fp32, NHWC memory format for weights and input;
-* ``compile``        ``torch.compile`` (inductor; on the CPU it generates C++/OpenMP code, so it
-                     needs a C++ compiler). Its one-off compile time is reported separately;
-* ``bf16``           ``torch.autocast`` to bfloat16 (CPU: oneDNN, fast with AVX512-BF16/AMX;
-                     CUDA: tensor cores);
-* ``bf16_channels_last``  the two above together (oneDNN prefers NHWC for bf16 convs);
-* ``onnxruntime``    exported with ``torch.onnx.export`` (TorchScript exporter, dynamic H and W),
-                     run by ONNX Runtime (CPU execution provider; CUDA EP when installed and
-                     ``--device cuda``). Export + session creation are reported as setup time.
+* ``eager``          fp32, NCHW: the baseline every ratio refers to;
+* ``channels_last``  fp32, NHWC weights and input;
+* ``compile``        ``torch.compile`` (inductor, freezing); its compile time is its setup;
+* ``onnx``           ONNX Runtime (CPU execution provider; CUDA's with ``--device cuda``),
+                     export + session creation as setup;
+* ``bf16`` / ``bf16_channels_last``  autocast to bfloat16 (fast only with AMX-BF16 /
+                     AVX512-BF16 or a GPU; not exact).
 
-Weights are RANDOM (seeded) unless ``--model PATH`` names a checkpoint: speed does not depend on
-them, but a random model is close to the identity (the 0.1-scaled init), so its 8-bit outputs
-hide most numerical differences; the float column shows them, and a trained checkpoint gives the
-differences that matter. Each path's output is compared with eager fp32 as floats (max absolute
-difference in grey levels) and after quantising to 8 bits as the CLI writes it (max absolute
-difference and PSNR; inf = identical).
-The input is a CBSD68 image (../shared/datasets/CBSD68, replicate-padded/cropped to the size)
-when present, else a smooth synthetic image with noise.
+``default`` is what :func:`pipeline.inference.choose_path` picks on this machine for a library
+workload of this image size (its probe runs, or its cache is read, first). The CPU features the
+choice depends on are printed. Each path's 8-bit output is compared with eager fp32's (max
+|diff| in grey levels, the share of values that differ, PSNR), and the float output too.
 
-Timing: ``--warmup`` untimed runs, then ``--repeats`` timed runs; the median is reported. The
-numbers are only comparable within one run (same machine, same load). Timed work happens in
-this script, not in tests.
+Timing: ``--warmup`` untimed rounds, then ``--repeats`` rounds; each round runs every path
+once, in a rotated order, so that a change in the machine's load hits all paths alike. ``ms``
+is the median over rounds; ``x_eager`` the median of the per-round ratios eager / path (the
+figure to quote on a shared machine). Weights are random (seeded) unless ``--model`` names a
+checkpoint: speed does not depend on them, exactness does (the 0.1-scaled init is close to the
+identity, so its 8-bit outputs hide differences; pass a trained checkpoint for bf16).
+Timed work happens in this script, never in tests.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
-import time
-import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from models.registry import build_generator
 from pipeline.degradation import to_tensor, to_uint8
-from pipeline.imageio import ImageError, read_rgb8
+from pipeline.inference import PathSpec, PathUnavailable, Workload, choose_path, cpu_features
+from pipeline.inference.choice import probe_image, timed_pass
+from pipeline.inference.geometry import pad_to_multiple
+from pipeline.inference.paths import ALL_PATHS, build_path
 
 log = logging.getLogger("benchmarks.inference")
 
-ALL_PATHS = ("eager", "channels_last", "compile", "bf16", "bf16_channels_last", "onnxruntime")
-CBSD68 = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "CBSD68"
-# What a failing optional path may raise (a missing compiler, an exporter limitation, an
-# execution provider that is not installed); anything else is a bug and propagates.
-_PATH_FAILURES = (RuntimeError, OSError, ImportError, ValueError, NotImplementedError, TypeError)
+PATH_NAMES = tuple(s.name for s in ALL_PATHS)
+#: The goal of issue 12 on the reference CPU: default within 15 % of the fastest exact path
+#: measured in the same run, and at least 1.6x eager.
+GOAL_WITHIN, GOAL_X_EAGER = 0.15, 1.6
 
 
-@dataclass
-class PathResult:
-    name: str
-    ms_median: float | None = None
-    ms_runs: list[float] = field(default_factory=list)
-    setup_s: float | None = None  # compile / export + session time (first call for compile)
-    speedup: float | None = None  # eager median / this median
-    max_abs_diff: int | None = None  # 8-bit output vs eager fp32
-    float_max_abs: float | None = None  # float output vs eager fp32, in grey levels (x 255)
-    psnr_db: float | None = None
-    note: str = ""
-    error: str | None = None
-
-
-Runner = Callable[[Tensor, Tensor], Tensor]
-
-
-# ---------------------------------------------------------------------------------------------
-# input
-
-
-def _test_image(size: int) -> tuple[np.ndarray, str]:
-    files = sorted(CBSD68.glob("*.png")) if CBSD68.is_dir() else []
+def _image(size: int) -> tuple[np.ndarray, str]:
+    """A CBSD68 photo (../shared/datasets/CBSD68, replicate-padded/cropped) or the probe image."""
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "CBSD68"
+    files = sorted(root.glob("*.png")) if root.is_dir() else []
     if files:
-        try:
-            img = read_rgb8(files[0]).array
-        except ImageError as err:
-            log.warning("cannot read %s (%s); using a synthetic image", files[0], err)
-        else:
-            t = to_tensor(img)
-            h, w = t.shape[-2:]
-            t = F.pad(t, (0, max(0, size - w), 0, max(0, size - h)), mode="replicate")
-            return to_uint8(
-                t[..., :size, :size]
-            ), f"{files[0].name} (CBSD68, padded/cropped to {size})"
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    base = np.stack([np.sin(6 * xx), np.cos(5 * yy), np.sin(4 * (xx + yy))], axis=2) * 0.35 + 0.5
-    noisy = base + rng.normal(0, 0.05, base.shape)
-    return (np.clip(noisy, 0, 1) * 255 + 0.5).astype(np.uint8), "synthetic (no CBSD68 found)"
+        from pipeline.imageio import read_rgb8
 
-
-# ---------------------------------------------------------------------------------------------
-# paths: each returns (runner, setup seconds, note)
-
-
-def _eager(model, device, x, z) -> tuple[Runner, float, str]:
-    return model, 0.0, ""
-
-
-def _channels_last(model, device, x, z) -> tuple[Runner, float, str]:
-    m = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return (lambda a, b: m(a.contiguous(memory_format=torch.channels_last), b)), 0.0, ""
-
-
-def _compile(model, device, x, z) -> tuple[Runner, float, str]:
-    compiled = torch.compile(copy.deepcopy(model))
-    start = time.perf_counter()
-    with torch.inference_mode():
-        compiled(x, z)  # compilation happens on the first call
-        _sync(device)
-    return compiled, time.perf_counter() - start, "inductor, default mode"
-
-
-def _bf16(model, device, x, z) -> tuple[Runner, float, str]:
-    def run(a: Tensor, b: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return model(a, b).float()
-
-    return run, 0.0, f"torch.autocast({device.type!r}, bfloat16)"
-
-
-def _bf16_channels_last(model, device, x, z) -> tuple[Runner, float, str]:
-    m = copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-    def run(a: Tensor, b: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            return m(a.contiguous(memory_format=torch.channels_last), b).float()
-
-    return run, 0.0, "autocast bfloat16 + NHWC"
-
-
-def _onnxruntime(model, device, x, z, threads: int) -> tuple[Runner, float, str]:
-    import onnxruntime as ort
-
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "generator.onnx"
-        cpu_model = copy.deepcopy(model).cpu()
-        with warnings.catch_warnings():
-            # The shape checks in Generator.forward are traced as constants, which is right for
-            # any H, W that are multiples of size_multiple; the legacy exporter warns about it.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                cpu_model,
-                (x.cpu(), z.cpu()),
-                str(path),
-                dynamo=False,
-                opset_version=17,
-                input_names=["x", "z"],
-                output_names=["y"],
-                dynamic_axes={"x": {2: "height", 3: "width"}, "y": {2: "height", 3: "width"}},
-            )
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    setup = time.perf_counter() - start
-    used = session.get_providers()[0]
-
-    def run(a: Tensor, b: Tensor) -> Tensor:
-        out = session.run(None, {"x": a.cpu().numpy(), "z": b.cpu().numpy()})[0]
-        return torch.from_numpy(out)
-
-    note = f"{used}, dynamic H/W, opset 17"
-    if device.type == "cuda" and used == "CPUExecutionProvider":
-        note += " (no CUDA EP installed: ran on the CPU)"
-    return run, setup, note
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# measurement
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of two 8-bit images via pipeline.metrics.psnr (RGB, no border crop)."""
-    from pipeline.metrics import psnr
-
-    value = float(psnr(to_tensor(a), to_tensor(b))[0])
-    return math.inf if not math.isfinite(value) else value
-
-
-def _time(
-    run: Runner, x: Tensor, z: Tensor, device: torch.device, warmup: int, repeats: int
-) -> tuple[list[float], Tensor]:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            out = run(x, z)
-        _sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = run(x, z)
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1e3)
-    return times, out
+        t = to_tensor(read_rgb8(files[0]).array)
+        h, w = t.shape[-2:]
+        t = torch.nn.functional.pad(t, (0, max(0, size - w), 0, max(0, size - h)), mode="replicate")
+        return to_uint8(t[..., :size, :size]), f"{files[0].name} (CBSD68, padded/cropped)"
+    return probe_image(size), "synthetic probe image (no CBSD68 found)"
 
 
 def run_benchmark(
     *,
-    config: str = "authors",
-    size: int = 512,
-    repeats: int = 10,
-    warmup: int = 2,
-    threads: int | None = None,
-    paths: tuple[str, ...] = ALL_PATHS,
-    device: str = "cpu",
-    seed: int = 0,
-    model_path: str | None = None,
+    config: str,
+    size: int,
+    repeats: int,
+    warmup: int,
+    names: tuple[str, ...],
+    device: str,
+    model_path: str | None,
 ) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
-    threads = torch.get_num_threads()
     dev = torch.device(device)
     if model_path:
         from pipeline.inference import load_model_for_inference
 
-        model = load_model_for_inference(model_path).model.to(dev)
+        model = load_model_for_inference(model_path).model.to(dev).eval()
         weights, config = f"trained ({model_path})", "checkpoint"
     else:
-        model = build_generator(config, generator=torch.Generator().manual_seed(seed))
-        model = model.eval().to(dev)
-        weights = f"random (seed {seed})"
-    m = model.size_multiple
-    if size % m:
-        raise ValueError(f"--size must be a multiple of {m} for config {config!r}")
-    image, source = _test_image(size)
-    x = to_tensor(image).to(dev)
-    z = torch.tensor([[0.5, 0.6]], device=dev)  # blur 2, noise 30
+        model = build_generator(config, generator=torch.Generator().manual_seed(0)).eval().to(dev)
+        weights = "random (seed 0)"
+    if size % model.size_multiple:
+        raise ValueError(f"--size must be a multiple of {model.size_multiple}")
+    image, source = _image(size)
+    x = pad_to_multiple(to_tensor(image), model.size_multiple)
+    z = torch.tensor([[0.5, 0.6]])  # blur 2, noise 30
 
-    makers: dict[str, Callable] = {
-        "eager": _eager,
-        "channels_last": _channels_last,
-        "compile": _compile,
-        "bf16": _bf16,
-        "bf16_channels_last": _bf16_channels_last,
-        "onnxruntime": lambda *a: _onnxruntime(*a, threads=threads),
-    }
-    order = ["eager"] + [p for p in paths if p != "eager"]  # the baseline always runs first
-    results: list[PathResult] = []
-    reference: np.ndarray | None = None
-    reference_float: Tensor | None = None
-    base_ms: float | None = None
-    for name in order:
-        res = PathResult(name)
-        log.info("path %s ...", name)
+    workload = Workload.library(size * size)
+    choice = choose_path(model, dev, workload=workload)
+    log.info("chooser: %s (%s)", choice.spec.name, choice.reason)
+    # what a checkpoint gets whose bf16 output fails the tolerance (every trained one so far)
+    exact_choice = choose_path(model, dev, precision="fp32", workload=workload)
+    built, results = {}, {}
+    for name in ("eager", *[n for n in names if n != "eager"]):
         try:
-            runner, setup, note = makers[name](model, dev, x, z)
-            times, out = _time(runner, x, z, dev, warmup, repeats)
-        except _PATH_FAILURES as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            res.error = f"{type(err).__name__}: {first}"
-            log.warning("path %s failed: %s", name, res.error)
-            results.append(res)
-            continue
-        res.ms_runs = [round(t, 3) for t in times]
-        res.ms_median = statistics.median(times)
-        res.setup_s = setup if setup else None
-        res.note = note
-        out = out.float().cpu()
-        restored = to_uint8(out)
-        if reference is None:
-            reference, reference_float, base_ms = restored, out, res.ms_median
-        res.float_max_abs = float((out - reference_float).abs().max()) * 255.0
-        res.speedup = base_ms / res.ms_median
-        res.max_abs_diff = int(np.abs(restored.astype(int) - reference.astype(int)).max())
-        res.psnr_db = _psnr(restored, reference)
-        results.append(res)
-
+            built[name] = build_path(model, PathSpec.from_name(name), dev, example=(x.to(dev), z))
+        except PathUnavailable as err:
+            results[name] = {"ms": None, "max_abs_diff": None, "error": str(err)}
+            log.warning("path %s unavailable: %s", name, err)
+    outs, times = {}, {name: [] for name in built}
+    order = list(built)
+    with torch.inference_mode():
+        for r in range(warmup + repeats):
+            for name in order[r % len(order) :] + order[: r % len(order)]:
+                out, ms = timed_pass(built[name], model, x, z, dev)
+                outs[name] = out
+                if r >= warmup:
+                    times[name].append(ms)
+    ref_float = outs["eager"]
+    ref = to_uint8(ref_float).astype(np.int16)
+    for name, path in built.items():
+        eager_ratio = statistics.median(
+            e / t for e, t in zip(times["eager"], times[name], strict=True)
+        )
+        restored = to_uint8(outs[name]).astype(np.int16)
+        diff = np.abs(restored - ref)
+        mse = float(np.mean((restored - ref) ** 2.0))
+        results[name] = {
+            "ms": statistics.median(times[name]),
+            "ms_runs": [round(t, 2) for t in times[name]],
+            "x_eager": eager_ratio,
+            "setup_s": path.setup_s,
+            "max_abs_diff": int(diff.max()),
+            "differing_share": float((diff != 0).mean()),
+            "float_max_abs": float((outs[name] - ref_float).abs().max()) * 255,
+            "psnr_db": "inf" if mse == 0 else 10 * math.log10(255**2 / mse),
+            "exact": PathSpec.from_name(name).exact,
+            "note": path.note,
+            "error": None,
+        }
+    exact = [n for n, r in results.items() if r.get("exact") and r["ms"] is not None]
+    fastest = min(exact, key=lambda n: results[n]["ms"])
+    default = choice.spec.name
+    summary = None
+    if default in results and results[default]["ms"] is not None:
+        summary = {
+            "fastest_exact": fastest,
+            "default_over_fastest_exact": results[default]["ms"] / results[fastest]["ms"],
+            "default_x_eager": results[default]["x_eager"],
+            "goal": f"default within {GOAL_WITHIN:.0%} of the fastest exact path, and "
+            f">= {GOAL_X_EAGER}x eager",
+        }
+    if exact_choice.spec.name in results and results[exact_choice.spec.name]["ms"] is not None:
+        r = results[exact_choice.spec.name]
+        summary = dict(
+            summary or {},
+            default_fp32=exact_choice.spec.name,
+            default_fp32_over_fastest_exact=r["ms"] / results[fastest]["ms"],
+            default_fp32_x_eager=r["x_eager"],
+        )
     return {
+        "default": default,
+        "default_reason": choice.reason,
+        "default_fp32": exact_choice.spec.name,
+        "paths": results,
+        "summary": summary,
         "config": config,
         "weights": weights,
         "size": size,
-        "batch": 1,
         "image": source,
         "z": [0.5, 0.6],
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-        "cpu": platform.processor() or platform.machine(),
-        "threads": threads,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "cpu": cpu_features(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "warmup": warmup,
         "repeats": repeats,
-        "results": [asdict(r) for r in results],
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
 def format_table(report: dict) -> str:
-    head = (
+    cpu = report["cpu"]
+    lines = [
         f"{report['config']} generator, {report['size']}x{report['size']}, batch 1, "
-        f"{report['weights']} weights, device {report['device']}, {report['threads']} threads, "
-        f"torch {report['torch']}, median of {report['repeats']} (after {report['warmup']} warm-up)"
-    )
-    rows = [("path", "ms", "x eager", "setup s", "float max|d|", "8-bit max|d|", "PSNR dB", "note")]
-    for r in report["results"]:
-        if r["error"]:
-            rows.append((r["name"], "-", "-", "-", "-", "-", "-", f"FAILED {r['error']}"))
+        f"{report['weights']} weights, {report['threads']} thread(s), torch {report['torch']}, "
+        f"median of {report['repeats']} interleaved rounds (after {report['warmup']})",
+        f"CPU: {cpu['model']}; features present: {', '.join(cpu['flags']) or 'none of note'}",
+        f"input: {report['image']}; 8-bit and float differences vs eager fp32 in grey levels",
+    ]
+    head = ("path", "ms", "x eager", "setup s", "8-bit max|d|", "% differing", "float max|d|")
+    rows = [head]
+    for name, r in report["paths"].items():
+        mark = " (default)" if name == report["default"] else ""
+        if r.get("error"):
+            rows.append((name + mark, "-", "-", "-", "-", "-", f"FAILED {r['error']}"))
             continue
-        psnr = "inf" if r["psnr_db"] == math.inf else f"{r['psnr_db']:.2f}"
         rows.append(
             (
-                r["name"],
-                f"{r['ms_median']:.1f}",
-                f"{r['speedup']:.2f}",
-                f"{r['setup_s']:.1f}" if r["setup_s"] else "-",
-                f"{r['float_max_abs']:.3g}",
+                name + mark,
+                f"{r['ms']:.1f}",
+                f"{r['x_eager']:.2f}",
+                f"{r['setup_s']:.1f}",
                 str(r["max_abs_diff"]),
-                psnr,
-                r["note"],
+                f"{100 * r['differing_share']:.3f}",
+                f"{r['float_max_abs']:.3g}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(7)]
-    lines = [
-        head,
-        (
-            f"input: {report['image']}; differences vs eager fp32 in grey levels (0..255): float "
-            "output, then the 8-bit output the CLI writes (and its PSNR)"
-        ),
-    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
-        cells = (
-            [row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in range(1, 7)] + [row[7]]
+        cells = [row[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)
+        ]
+        lines.append("  ".join(cells))
+    lines.append(f"default: {report['default']} -- {report['default_reason']}")
+    s = report["summary"]
+    if s:
+        lines.append(
+            f"default / fastest exact ({s['fastest_exact']}) = "
+            f"{s['default_over_fastest_exact']:.2f} in time; default = {s['default_x_eager']:.2f}x "
+            f"eager (goal: {s['goal']})"
         )
-        lines.append("  ".join(cells).rstrip())
+    if s and "default_fp32" in s:
+        lines.append(
+            f"default at --precision fp32 (a checkpoint whose bf16 output fails the tolerance): "
+            f"{s['default_fp32']}, {s['default_fp32_over_fastest_exact']:.2f} of the fastest exact "
+            f"path's time, {s['default_fp32_x_eager']:.2f}x eager"
+        )
+    if report["load_average"]:
+        lines.append("load average: " + " ".join(f"{v:.2f}" for v in report["load_average"]))
     return "\n".join(lines)
 
 
@@ -354,63 +238,50 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="benchmarks/inference.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--config", default="authors", help="generator config name (default authors)"
-    )
+    parser.add_argument("--config", default="authors", help="generator config (default authors)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs per path (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per path (default 2)")
+    parser.add_argument("--repeats", type=int, default=6, help="timed rounds (default 6)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch / ORT intra-op threads")
-    parser.add_argument(
-        "--model",
-        default=None,
-        metavar="PATH",
-        help="trained checkpoint instead of random weights (makes the differences meaningful)",
-    )
+    parser.add_argument("--model", default=None, metavar="PATH", help="a trained checkpoint")
     parser.add_argument(
         "--paths",
-        default=",".join(ALL_PATHS),
-        help=f"comma-separated subset of {','.join(ALL_PATHS)} (eager always runs)",
+        default=",".join(n for n in PATH_NAMES if n != "compile"),
+        help=f"comma-separated subset of {','.join(PATH_NAMES)} (eager always runs; compile "
+        "is left out by default: its cold compile takes minutes on a small CPU)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument(
-        "--json", type=Path, default=None, metavar="OUT", help="also write the report as JSON"
-    )
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    paths = tuple(p.strip() for p in args.paths.split(",") if p.strip())
-    unknown = sorted(set(paths) - set(ALL_PATHS))
+    names = tuple(p.strip() for p in args.paths.split(",") if p.strip())
+    unknown = sorted(set(names) - set(PATH_NAMES))
     if unknown:
-        parser.error(f"unknown path(s) {unknown}; choose from {','.join(ALL_PATHS)}")
+        parser.error(f"unknown path(s) {unknown}; choose from {','.join(PATH_NAMES)}")
     if args.repeats < 1 or args.warmup < 0 or args.size < 1:
         parser.error("--repeats must be >= 1, --warmup >= 0, --size >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         report = run_benchmark(
             config=args.config,
             size=args.size,
             repeats=args.repeats,
             warmup=args.warmup,
-            threads=args.threads,
-            paths=paths,
+            names=names,
             device=args.device,
             model_path=args.model,
         )
-    except ValueError as err:  # unknown config, bad checkpoint (CheckpointError), bad size
+    except ValueError as err:  # unknown config, bad checkpoint, bad size
         parser.error(str(err))
-    report["command"] = " ".join(
-        ["benchmarks/inference.py", *(argv if argv is not None else sys.argv[1:])]
-    )
+    report["command"] = " ".join(["benchmarks/inference.py", *(argv or sys.argv[1:])])
     sys.stdout.write(format_table(report) + "\n")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         from pipeline.atomic import atomic_write_json
 
-        # JSON has no infinity: an identical output's PSNR is written as the string "inf".
-        for r in report["results"]:
-            if r["psnr_db"] == math.inf:
-                r["psnr_db"] = "inf"
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.json, report)
     return 0
 

@@ -12,13 +12,16 @@ Three measurements, in samples per second (global batch x iterations / seconds):
                 (``--backend``: DALI or torch, reading and degrading), step, per-iteration loss
                 recording, MLflow logging (a scratch sqlite store), the progress line;
 * ``ray-1`` / ``ray-2``  the same stage through Ray Train (``run_stage``) with 1 worker x N
-                CPUs and with 2 workers x N/2 CPUs each (DDP over gloo), global batch constant.
+                CPUs and with 2 workers x N/2 CPUs each (DDP over gloo), global batch constant;
+* ``ray-1x1``   1 worker x N/2 CPUs: the reference for ``ray-2``'s scaling (``ray-2 /
+                ray-1x1``, ideal 2.0: twice the CPUs, twice the samples/s).
 
 ``--synthetic N`` runs ``full`` and ``ray-*`` on N pre-made samples instead of shards (the test
 seam, :class:`pipeline.train.testing.TestHooks`): the loop without the loader, and a smoke run
 that needs no data stages.
 
-``full / ceiling`` is the share of compute time the loop keeps; ``ray-2 / ray-1`` the scaling.
+``full / ceiling`` is the share of compute time the loop keeps, ``ray-1 / ceiling`` the share
+through Ray; ``ray-2 / ray-1x1`` the true scaling (``ray-2 / ray-1`` compares equal CPUs).
 Rates exclude the first ``--warmup`` iterations (pipeline start-up, first epoch) and time
 spent validating and checkpointing (the loop measures its windows that way); Ray's start-up
 (worker processes, process group) is reported separately as wall time. Numbers are comparable
@@ -158,15 +161,19 @@ def _rates_from_mlflow(target: TrackingTarget, warmup: int) -> float:
     return _window_rates([(m.step, m.value) for m in history], warmup)
 
 
-def ray_run(args: argparse.Namespace, workers: int, tmp: Path) -> tuple[float, float]:
+def ray_run(
+    args: argparse.Namespace, workers: int, tmp: Path, cpus_per_worker: float | None = None
+) -> tuple[float, float]:
     from pipeline.train.trainer import run_stage
 
-    params = _params(args, workers, args.threads / workers, tmp / f"ray{workers}")
+    cpus = args.threads / workers if cpus_per_worker is None else cpus_per_worker
+    name = f"ray{workers}x{cpus:g}"
+    params = _params(args, workers, cpus, tmp / name)
     t0 = time.perf_counter()
     result = run_stage(
         params,
         args.stage,
-        out_dir=tmp / f"ray{workers}" / "out",
+        out_dir=tmp / name / "out",
         shards_dir=_shards(args),
         run_name=f"bench-{workers}-{time.time_ns()}",
         test_hooks=_hooks(args),
@@ -220,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_ray:
             for workers in (1, 2):
                 rows[f"ray-{workers}"], walls[f"ray-{workers}"] = ray_run(args, workers, tmp)
+            if args.threads >= 2:
+                half = args.threads / 2
+                rows["ray-1x1"], walls["ray-1x1"] = ray_run(args, 1, tmp, cpus_per_worker=half)
 
     print(
         f"\ntraining throughput: stage {args.stage}, generator {args.generator}, global batch "
@@ -235,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<10}{rate:>12.1f}{rate / rows['ceiling']:>12.2f}{wall:>10}")
     print(f"full / ceiling, median over adjacent pairs = {pair_ratio:.2f}")
     if "ray-2" in rows:
-        print(f"ray-2 / ray-1 = {rows['ray-2'] / rows['ray-1']:.2f}")
+        print(f"ray-2 / ray-1 = {rows['ray-2'] / rows['ray-1']:.2f} (equal CPUs)")
+    if "ray-1x1" in rows:
+        print(f"ray-2 / ray-1x1 = {rows['ray-2'] / rows['ray-1x1']:.2f} (scaling, ideal 2.0)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load:
+        print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
@@ -245,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                     "samples_per_s": rows,
                     "wall_s": walls,
                     "full_over_ceiling_pairs": pair_ratio,
+                    "ray1_over_ceiling": rows["ray-1"] / rows["ceiling"]
+                    if "ray-1" in rows
+                    else None,
+                    "scaling_ray2_over_ray1x1": (
+                        rows["ray-2"] / rows["ray-1x1"] if "ray-1x1" in rows else None
+                    ),
+                    "load_average": list(load) if load else None,
                 },
                 indent=2,
             )

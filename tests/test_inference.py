@@ -17,13 +17,29 @@ from pipeline.degradation import to_tensor, to_uint8
 from pipeline.device import resolve_device
 from pipeline.inference import (
     InferenceError,
-    _run_tiled,
     load_model_for_inference,
     receptive_field_radius,
     restore,
     tile_layout,
     validate_z,
 )
+from pipeline.inference.geometry import run_pieces
+
+
+def _run_tiled(model, x, z, tile, overlap, multiple, device, dtype):
+    """The tiled run of :func:`pipeline.inference.geometry.run_pieces` with the eager module."""
+    return run_pieces(
+        model,
+        x,
+        z,
+        out_channels=model.config.out_channels,
+        multiple=multiple,
+        tile=tile,
+        overlap=overlap,
+        device=device,
+        dtype=dtype,
+    )
+
 
 Z = [0.5, 0.6]
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.checkpoint import CheckpointError
-from pipeline.cli import configs, degrade, official, registry, restore, tracking
+from pipeline.cli import configs, degrade, export, official, registry, restore, tracking
 from pipeline.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, PROG, Parser, UsageError
 from pipeline.config import ConfigError
 from pipeline.errors import one_line, os_error_line
@@ -22,7 +22,7 @@ from pipeline.studio import command as studio
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 #: The command modules, in the order ``cugan --help`` lists them; each has ``add_parser``.
-COMMANDS = (restore, degrade, official, configs, studio, registry, tracking)
+COMMANDS = (restore, degrade, export, official, configs, studio, registry, tracking)
 
 
 def build_parser() -> argparse.ArgumentParser:

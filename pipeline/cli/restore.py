@@ -24,14 +24,25 @@ from pipeline.imageio import write_png
 from pipeline.inference import (
     AUTO_TILE_MAX_PIXELS,
     AUTO_TILE_SIZE,
+    Backend,
     ModelArgumentNames,
+    Precision,
+    Workload,
     auto_tile,
     load_model_for_inference,
+    prepare_model,
     receptive_field_radius,
     restore,
 )
 
-__all__ = ["AUTO_TILE_MAX_PIXELS", "AUTO_TILE_SIZE", "MODEL_FLAGS", "add_parser", "run"]
+__all__ = [
+    "AUTO_TILE_MAX_PIXELS",
+    "AUTO_TILE_SIZE",
+    "MODEL_FLAGS",
+    "add_model_arguments",
+    "add_parser",
+    "run",
+]
 
 log = logging.getLogger("cugan")
 
@@ -79,19 +90,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         metavar="Z1,Z2",
         help="condition vector z, entries in [0, 1]",
     )
-    model = p.add_argument_group(
-        "model (either --model, or --alpha with --mse-model and --gan-model)"
-    )
-    model.add_argument(
-        "--model",
-        metavar="PATH",
-        help="checkpoint directory or .safetensors (from training or import-official)",
-    )
-    model.add_argument(
-        "--alpha", type=float, metavar="A", help="DNI blend: (1 - A) * GAN + A * MSE, A in [0, 1]"
-    )
-    model.add_argument("--mse-model", metavar="PATH", help="MSE (CUnet) checkpoint for --alpha")
-    model.add_argument("--gan-model", metavar="PATH", help="GAN (CUGAN) checkpoint for --alpha")
+    add_model_arguments(p)
     execution = p.add_argument_group("execution")
     execution.add_argument(
         "--tile",
@@ -115,7 +114,40 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         default="auto",
         help="where to run (default: auto = cuda when available)",
     )
+    execution.add_argument(
+        "--backend",
+        choices=[b.value for b in Backend],
+        default=Backend.AUTO.value,
+        help="inference path: eager, channels_last, compile (torch.compile), onnx (ONNX "
+        "Runtime); auto (default) = the fastest exact one measured on this machine (a short "
+        "probe, cached), never a slow setup for one image",
+    )
+    execution.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=Precision.AUTO.value,
+        help="fp32, or bf16 (autocast; faster only on CPUs with AMX/AVX512-BF16 and on GPUs, "
+        "not bit-exact); auto (default) = bf16 only where it is faster and its 8-bit output "
+        "stays within 1 level of fp32 on at most 0.1%% of the values for this model",
+    )
     p.set_defaults(func=run)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, or --alpha with --mse-model and --gan-model (shared with ``cugan export``)."""
+    model = p.add_argument_group(
+        "model (either --model, or --alpha with --mse-model and --gan-model)"
+    )
+    model.add_argument(
+        "--model",
+        metavar="PATH",
+        help="checkpoint directory or .safetensors (from training or import-official)",
+    )
+    model.add_argument(
+        "--alpha", type=float, metavar="A", help="DNI blend: (1 - A) * GAN + A * MSE, A in [0, 1]"
+    )
+    model.add_argument("--mse-model", metavar="PATH", help="MSE (CUnet) checkpoint for --alpha")
+    model.add_argument("--gan-model", metavar="PATH", help="GAN (CUGAN) checkpoint for --alpha")
 
 
 def _condition(args: argparse.Namespace) -> list[float] | tuple[float, float]:
@@ -183,17 +215,25 @@ def run(args: argparse.Namespace) -> int:
         log.info("tiling: %d px tiles, %d px overlap", tile, overlap)
 
     start = time.perf_counter()
-    result = restore(model, image, z_arg, tile=tile or None, tile_overlap=overlap, device=device)
+    prepared = prepare_model(
+        model,
+        device=device,
+        backend=args.backend,
+        precision=args.precision,
+        workload=Workload.one_shot(h * w),
+    )
+    result = restore(prepared, image, z_arg, tile=tile or None, tile_overlap=overlap)
     write_png(args.output, result)
     z_text = ",".join(f"{v:.4g}" for v in z.tolist())
     log.info(
-        "wrote %s (%dx%d, z=[%s], model %s, %s) in %.2f s",
+        "wrote %s (%dx%d, z=[%s], model %s, %s, path %s) in %.2f s",
         args.output,
         w,
         h,
         z_text,
         loaded.source,
         device,
+        prepared.name,
         time.perf_counter() - start,
     )
     return EXIT_OK

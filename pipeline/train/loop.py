@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -121,6 +122,16 @@ def _setup_worker_logging() -> None:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
+
+
+def _cpu_budget() -> str:
+    """What this worker computes with: torch threads, usable CPUs, niceness (a Ray worker at
+    nice 15 loses the CPU to every other process: see ``trainer._worker_env``)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return f"{torch.get_num_threads()} torch thread(s) on {cpus} CPU(s), nice {os.nice(0)}"
 
 
 def _endless(loader: TrainLoader) -> Iterator[Batch]:
@@ -240,7 +251,7 @@ class _Run:
         if rank0:
             world = self.session.world_size
             log.info(
-                "%s: iterations %d..%d, global batch %d = %d worker(s) x %d, device %s",
+                "%s: iterations %d..%d, global batch %d = %d worker(s) x %d, device %s, %s",
                 self.tag,
                 self.start + 1,
                 self.total,
@@ -248,6 +259,7 @@ class _Run:
                 world,
                 self.params.loader.batch_size // world,
                 self.device,
+                _cpu_budget(),
             )
             if self.start >= self.total:
                 log.info(

@@ -48,6 +48,7 @@ __all__ = [
     "build_networks",
     "build_optimizers",
     "load_weights",
+    "loader_threads",
     "set_up_worker",
 ]
 
@@ -131,6 +132,17 @@ def build_optimizers(
     return opts
 
 
+def loader_threads(configured: int, worker_cpus: int | None) -> int:
+    """The loader's threads on a worker of ``worker_cpus`` CPUs (``WorkerConfig.threads``).
+
+    The loader reads ``params.loader.num_threads`` (DALI CPU threads; torch DataLoader
+    processes); on a worker Ray gave fewer CPUs it is capped there: torch's intra-op threads
+    already fill the worker's CPUs, and more loader threads than cores only time-slice against
+    them (each preemption of an OpenMP thread stalls the whole team at its next barrier).
+    """
+    return configured if worker_cpus is None else max(1, min(configured, worker_cpus))
+
+
 def build_loader(
     config: WorkerConfig,
     hooks: TestHooks | None,
@@ -157,8 +169,20 @@ def build_loader(
             world_size=world_size,
             device=device,
         )
+    threads = loader_threads(params.loader.num_threads, config.threads)
+    if threads != params.loader.num_threads and rank == 0:
+        log.info(
+            "loader: %d thread(s) per worker (loader.num_threads %d capped at the worker's %d CPU)",
+            threads,
+            params.loader.num_threads,
+            config.threads,
+        )
     local = params.model_copy(
-        update={"loader": params.loader.model_copy(update={"batch_size": per_worker})}
+        update={
+            "loader": params.loader.model_copy(
+                update={"batch_size": per_worker, "num_threads": threads}
+            )
+        }
     )
     return build_train_loader(
         config.shards_dir,

@@ -25,7 +25,7 @@ from pipeline.condition import ConditionScale, setting_key
 from pipeline.config import Params, TrainStageParams
 from pipeline.degradation import to_tensor
 from pipeline.imageio import read_rgb8
-from pipeline.inference import restore
+from pipeline.inference import PreparedModel, Workload, prepare_model, restore
 from pipeline.metrics import psnr
 
 __all__ = [
@@ -135,6 +135,21 @@ def load_validation_set(
     return ValidationSet(names, settings, clean, degraded, input_psnr)
 
 
+def _prepared(
+    model: nn.Module, device: torch.device, images: int, like: np.ndarray
+) -> PreparedModel:
+    """The live generator on the fastest EXACT path for this pass (fp32: validation numbers
+    must not depend on the machine's bf16 support); made anew for every pass, since training
+    changes the weights in between (a path that copied them would be stale)."""
+    return prepare_model(
+        model,
+        device=device,
+        precision="fp32",
+        workload=Workload(images=images, pixels=like.shape[0] * like.shape[1]),
+        quiet=True,
+    )
+
+
 def validate(
     model: nn.Module, vset: ValidationSet, params: Params, device: torch.device
 ) -> dict[str, float]:
@@ -144,10 +159,12 @@ def validate(
     """
     out: dict[str, float] = {}
     try:
+        first = vset.degraded[(vset.settings[0], vset.names[0])]
+        prepared = _prepared(model, device, len(vset.settings) * len(vset.names), first)
         for setting in vset.settings:
             z = _z(setting, params)
             scores = [
-                _psnr(restore(model, vset.degraded[(setting, n)], z, device=device), vset.clean[n])
+                _psnr(restore(prepared, vset.degraded[(setting, n)], z), vset.clean[n])
                 for n in vset.names
             ]
             out[f"val/psnr/{setting_key(*setting)}"] = float(np.mean(scores))
@@ -187,9 +204,10 @@ def modulation_grid_image(
     if rows > 1:
         put(1, 0, vset.clean[name])
     try:
+        prepared = _prepared(model, device, len(val.grid_noise) * len(val.grid_blur), source)
         for r, noise in enumerate(val.grid_noise):
             for c, blur in enumerate(val.grid_blur):
-                put(r, c + 1, restore(model, source, _z((blur, noise), params), device=device))
+                put(r, c + 1, restore(prepared, source, _z((blur, noise), params)))
     finally:
         model.train()
     return mosaic
