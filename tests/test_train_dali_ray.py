@@ -47,7 +47,14 @@ def _params(tmp_path):
             "base": {"pretrained": "random", "seed": 0},
             # the defaults of params.yaml's loader (backend dali, device auto -> the CPU
             # pipeline on CPU workers), made small
-            "loader": {"batch_size": 4, "crop": 64, "num_threads": 1, "shuffle_buffer": 8},
+            # the default path on a GPU, and the subject here: the DALI pipeline (CPU graph)
+            "loader": {
+                "backend": "dali",
+                "batch_size": 4,
+                "crop": 64,
+                "num_threads": 1,
+                "shuffle_buffer": 8,
+            },
             "train_cunet": {
                 "generator": "tiny",
                 "iterations": ITERATIONS,
