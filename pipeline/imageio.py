@@ -19,10 +19,18 @@ Pillow does the decoding. Two things it does silently are checked here instead:
 
 The decompression-bomb guard compares ``width * height`` from the header with ``max_pixels``
 *before* any pixel is decoded.
+
+Condition maps (``cugan restore --cond-map``, the studio's download) are files too, so they
+are owned here: :func:`read_cond_map` reads one through the same checks (a regular file of a
+sane size, the header's size against ``max_pixels`` before decoding, truncation, bit depth)
+and :func:`write_cond_map` writes one atomically. The format (:data:`COND_MAP_FORMAT`): an
+8-bit grey + alpha PNG of the image's size, grey = z_blur and alpha = z_noise, each
+``k / 255`` for k in 0..255.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -30,6 +38,7 @@ import stat
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,11 +49,14 @@ from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import one_line, os_error_reason
 
 __all__ = [
+    "COND_MAP_FORMAT",
     "DEFAULT_MAX_PIXELS",
     "SUPPORTED_FORMATS",
     "ImageError",
     "LoadedImage",
+    "read_cond_map",
     "read_rgb8",
+    "write_cond_map",
     "write_png",
 ]
 
@@ -57,6 +69,12 @@ DEFAULT_MAX_PIXELS = 40_000_000
 #: Formats Pillow may use. Restricting the list keeps exotic decoders (EPS runs Ghostscript,
 #: for instance) away from user files.
 SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "PPM", "GIF", "TGA")
+
+#: The condition-map file format, in words (``cugan restore --help`` and the messages say it).
+COND_MAP_FORMAT = (
+    "an 8-bit grey + alpha PNG of the image's size: grey = z_blur, alpha = z_noise, "
+    "each 0..255 -> 0..1 (k / 255)"
+)
 
 # Exceptions Pillow raises for malformed data (it uses SyntaxError for broken headers).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
@@ -119,9 +137,16 @@ def read_rgb8(
     keeping the stored colours, instead of refusing (compositing would need a background
     colour, and no choice of one is safe for restoration).
     """
+    path = Path(path)
+    data = _read_bytes(path, max_pixels)
+    return _decode(path, data, max_pixels, allow_high_bit_depth, allow_transparency)
+
+
+def _read_bytes(path: Path, max_pixels: int) -> bytes:
+    """The bytes of a regular, non-empty file of a size an image within ``max_pixels`` can
+    have, or ImageError."""
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive (got {max_pixels})")
-    path = Path(path)
     size = _check_regular_file(path)
     # Even uncompressed 16-bit RGBA needs 8 bytes a pixel: a larger file is not a sane image.
     if size > 8 * max_pixels + (64 << 20):
@@ -136,7 +161,7 @@ def read_rgb8(
         raise ImageError(f"{path}: cannot read: {os_error_reason(err)}") from None
     if not data:
         raise ImageError(f"{path}: empty file (0 bytes)")
-    return _decode(path, data, max_pixels, allow_high_bit_depth, allow_transparency)
+    return data
 
 
 def _check_regular_file(path: Path) -> int:
@@ -154,47 +179,63 @@ def _check_regular_file(path: Path) -> int:
     return st.st_size
 
 
+@contextlib.contextmanager
+def _bomb_guard(max_pixels: int) -> Iterator[None]:
+    """Pillow's own guard (a warning above Image.MAX_IMAGE_PIXELS, an error above twice that)
+    fires inside Image.open; the warning is an error too when our limit is stricter anyway,
+    so that no Python warning leaks onto the user's terminal."""
+    with warnings.catch_warnings():
+        action = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
+        warnings.simplefilter(action, Image.DecompressionBombWarning)
+        yield
+
+
+def _open(path: Path, data: bytes, max_pixels: int) -> Image.Image:
+    """Pillow's image of ``data`` with its header checked (format, size), nothing decoded yet;
+    call inside :func:`_bomb_guard`."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageError(_unidentified_reason(path, data)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{path}: too large: {one_line(err)}") from None
+    except _DECODE_ERRORS as err:
+        raise ImageError(f"{path}: corrupt image header: {one_line(err)}") from None
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{path}: zero-size image ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{path}: too large: {width}x{height} = {width * height / 1e6:.1f} megapixels "
+            f"exceeds the limit of {max_pixels / 1e6:g} megapixels (max_pixels)"
+        )
+    return img
+
+
+def _load(path: Path, img: Image.Image) -> None:
+    """The full decode: truncated or corrupt pixel data fails here (ImageError)."""
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError(f"{path}: too large: {one_line(err)}") from None
+    except _DECODE_ERRORS as err:
+        raise ImageError(f"{path}: truncated or corrupt image data: {one_line(err)}") from None
+
+
 def _decode(
     path: Path, data: bytes, max_pixels: int, allow_high_bit_depth: bool, allow_transparency: bool
 ) -> LoadedImage:
     notes: list[str] = []
-    with warnings.catch_warnings():
-        # Pillow's own guard (a warning above Image.MAX_IMAGE_PIXELS, an error above twice
-        # that) fires inside Image.open; make the warning an error too when our limit is
-        # stricter anyway, so that no Python warning leaks onto the user's terminal.
-        action = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or 0) else "ignore"
-        warnings.simplefilter(action, Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-        except UnidentifiedImageError:
-            raise ImageError(_unidentified_reason(path, data)) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(f"{path}: too large: {one_line(err)}") from None
-        except _DECODE_ERRORS as err:
-            raise ImageError(f"{path}: corrupt image header: {one_line(err)}") from None
-
+    with _bomb_guard(max_pixels):
+        img = _open(path, data, max_pixels)
         fmt, mode = img.format, img.mode
-        width, height = img.size
-        if width <= 0 or height <= 0:
-            raise ImageError(f"{path}: zero-size image ({width}x{height})")
-        if width * height > max_pixels:
-            raise ImageError(
-                f"{path}: too large: {width}x{height} = {width * height / 1e6:.1f} megapixels "
-                f"exceeds the limit of {max_pixels / 1e6:g} megapixels (max_pixels)"
-            )
         frames = getattr(img, "n_frames", 1)
         if frames > 1:
             notes.append(f"{fmt} file has {frames} frames; using the first")
         bits = _bits_per_sample(img, data)
         orientation = _exif_orientation(img, notes)
         icc_note = _icc_note(img)
-
-        try:
-            img.load()  # the full decode: truncated or corrupt pixel data fails here
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageError(f"{path}: too large: {one_line(err)}") from None
-        except _DECODE_ERRORS as err:
-            raise ImageError(f"{path}: truncated or corrupt image data: {one_line(err)}") from None
+        _load(path, img)
 
     if bits > 8 or img.mode in ("I", "F") or img.mode.startswith("I;16"):
         arr = _high_bit_depth(path, img, data, bits, allow_high_bit_depth, notes)
@@ -424,5 +465,52 @@ def write_png(path: str | os.PathLike[str], array: np.ndarray) -> Path:
         raise ImageError(f"{path}: expected an H x W x 3 array, got shape {array.shape}")
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array), "RGB").save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# condition maps
+
+
+def read_cond_map(
+    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Read a condition map (:data:`COND_MAP_FORMAT`) as uint8 H x W x 2 (z_blur, z_noise as
+    ``k``; :func:`pipeline.inference.validate_z_map` takes it as ``k / 255``), or raise
+    :class:`ImageError` saying why not, after the checks of :func:`read_rgb8`.
+
+    Nothing is converted: a map is data, not a picture, so another mode (RGB, grey without
+    alpha, a palette), another bit depth or another format is refused rather than guessed at.
+    EXIF orientation is not applied: the map's pixels are the restored image's pixels.
+    """
+    path = Path(path)
+    data = _read_bytes(path, max_pixels)
+    with _bomb_guard(max_pixels):
+        img = _open(path, data, max_pixels)
+        bits = _bits_per_sample(img, data)
+        if img.format != "PNG" or img.mode != "LA" or bits != 8:
+            got = f"{img.format} {bits}-bit, mode {img.mode}"
+            raise ImageError(f"{path}: a condition map is {COND_MAP_FORMAT} (got {got})")
+        _load(path, img)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def write_cond_map(path: str | os.PathLike[str], zmap: np.ndarray) -> Path:
+    """Write a uint8 H x W x 2 z map (z_blur, z_noise as ``k``) as a condition-map PNG
+    (:data:`COND_MAP_FORMAT`), atomically as :func:`write_png` does. ImageError (nothing
+    written) for an array of another kind."""
+    path = Path(path)
+    if (
+        not isinstance(zmap, np.ndarray)
+        or zmap.dtype != np.uint8
+        or zmap.ndim != 3
+        or zmap.shape[2] != 2
+        or 0 in zmap.shape
+    ):
+        got = f"{zmap.dtype} {zmap.shape}" if isinstance(zmap, np.ndarray) else type(zmap).__name__
+        raise ImageError(f"{path}: a condition map is a uint8 H x W x 2 array (got {got})")
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(zmap), "LA").save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     return path

@@ -15,6 +15,7 @@ from models.dni import blend_generators
 from pipeline import cli
 from pipeline.checkpoint import load_generator
 from pipeline.condition import ConditionScale
+from pipeline.imageio import read_cond_map, write_cond_map
 from pipeline.inference import receptive_field_radius, restore
 from pipeline.studio import session as session_module
 from pipeline.studio.recipe import number, restore_command
@@ -25,9 +26,7 @@ from pipeline.studio.regions import (
     estimate_noise,
     painted_mask,
     quantize_z,
-    read_cond_map,
     read_image,
-    write_cond_map,
     z_map,
 )
 from pipeline.studio.session import ModelSession, ModelSpec, StudioError, resolve_model_spec

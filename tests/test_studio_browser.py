@@ -26,8 +26,9 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
+from pipeline.imageio import read_cond_map
 from pipeline.inference import restore
-from pipeline.studio.regions import estimate_noise, read_cond_map, read_image
+from pipeline.studio.regions import estimate_noise, read_image
 from pipeline.studio.session import ModelSession, ModelSpec
 from tests import studio_fixtures as kit
 

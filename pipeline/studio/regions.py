@@ -10,14 +10,14 @@
   box then gets the pixels the full image will get (as tiles do in
   :mod:`pipeline.inference`), not the darker, seamy border of a bare crop.
 * A painted region becomes a z map: z of the region inside the mask, the global z outside,
-  both stored in 8 bits (``k / 255``) -- the form of a condition-map file, so that the map the
-  studio offers for download reproduces its result exactly.
+  both stored in 8 bits (``k / 255``) -- the form of a condition-map file
+  (:func:`pipeline.imageio.write_cond_map`), so that the map the studio offers for download
+  reproduces its result exactly with ``cugan restore --cond-map``.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import math
 import os
 from collections.abc import Mapping
@@ -26,9 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from pipeline.atomic import atomic_write_bytes
 from pipeline.imageio import DEFAULT_MAX_PIXELS, read_rgb8
 
 __all__ = [
@@ -40,10 +38,8 @@ __all__ = [
     "estimate_noise",
     "painted_mask",
     "quantize_z",
-    "read_cond_map",
     "read_image",
     "sample_photos",
-    "write_cond_map",
     "z_map",
 ]
 
@@ -198,22 +194,3 @@ def z_map(mask: np.ndarray, outside: tuple[int, ...], inside: tuple[int, ...]) -
     out[...] = np.asarray(outside, dtype=np.uint8)
     out[mask] = np.asarray(inside, dtype=np.uint8)
     return out
-
-
-def write_cond_map(path: str | os.PathLike[str], zmap: np.ndarray) -> Path:
-    """Write a uint8 H x W x 2 z map as a two-channel PNG (grey = z_blur, alpha = z_noise,
-    each ``k / 255``), atomically."""
-    if zmap.dtype != np.uint8 or zmap.ndim != 3 or zmap.shape[2] != 2:
-        raise ValueError(f"a condition map is uint8 H x W x 2 (got {zmap.dtype} {zmap.shape})")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(zmap), "LA").save(buffer, format="PNG")
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
-
-
-def read_cond_map(path: str | os.PathLike[str]) -> np.ndarray:
-    """Inverse of :func:`write_cond_map`: uint8 H x W x 2."""
-    with Image.open(path) as img:
-        if img.mode != "LA":
-            raise ValueError(f"{path}: a condition map is a grey + alpha PNG (got mode {img.mode})")
-        return np.asarray(img, dtype=np.uint8).copy()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import one_line, os_error_line
-from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageError, write_png
+from pipeline.imageio import DEFAULT_MAX_PIXELS, ImageError, write_cond_map, write_png
 from pipeline.inference import InferenceError
 from pipeline.studio.recipe import number, restore_command
 from pipeline.studio.regions import (
@@ -46,7 +46,6 @@ from pipeline.studio.regions import (
     quantize_z,
     read_image,
     sample_photos,
-    write_cond_map,
     z_map,
 )
 from pipeline.studio.session import ModelSession, ModelSpec
