@@ -65,6 +65,7 @@ __all__ = [
     "PathChoice",
     "Tolerance",
     "Workload",
+    "cache_dir",
     "cache_file",
     "choose_path",
     "cpu_features",
@@ -228,14 +229,21 @@ def _key_id(key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cache_file() -> Path:
-    """``$CUGAN_CACHE_DIR/inference-paths.json``, else the user cache dir's ``cugan/``."""
+def cache_dir() -> Path:
+    """The user's cache directory of this project: ``$CUGAN_CACHE_DIR``, else the platform's
+    (``~/.cache/cugan`` on Linux). The path measurements live here, and the registered models
+    the inference loader downloads (:mod:`pipeline.inference.loading`)."""
     root = os.environ.get("CUGAN_CACHE_DIR")
     if not root:
         import platformdirs
 
         root = platformdirs.user_cache_dir("cugan", appauthor=False)
-    return Path(root) / "inference-paths.json"
+    return Path(root)
+
+
+def cache_file() -> Path:
+    """``inference-paths.json`` in :func:`cache_dir`."""
+    return cache_dir() / "inference-paths.json"
 
 
 def _read_cache() -> dict[str, Any]:

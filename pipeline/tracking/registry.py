@@ -4,7 +4,10 @@ of ``models:/NAME/VERSION`` and ``models:/NAME@ALIAS`` to a local generator chec
 What the training stages register (``cunet``, ``cugan``; :mod:`pipeline.train.pyfunc`) is a
 pyfunc model whose artifacts hold the safetensors generators: ``artifacts/mse`` and, for a GAN
 stage, ``artifacts/gan`` (the two ends of the alpha slider). :meth:`ModelRegistry.download`
-returns one of those checkpoint directories, never the pickled model.
+returns one of those checkpoint directories, never the pickled model. A download records which
+version it holds (:data:`DOWNLOAD_RECORD`), so that a caller keeping a cache of downloads
+(``reuse``: the inference loader's) can tell a complete copy of the same version, whose
+checkpoint passes its own sha256 check, from anything else, which is downloaded again.
 
 Errors are sorted, so that a caller can decide on them: :class:`NotRegistered` (a name,
 version or alias that does not exist: one line naming it) is a :class:`RegistryError`, which
@@ -16,6 +19,8 @@ exist, and raises on everything else.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -31,12 +36,14 @@ from mlflow.protos.databricks_pb2 import (
     ErrorCode,
 )
 
-from pipeline.atomic import staging_dir
+from pipeline.atomic import atomic_write_json, staging_dir
 from pipeline.checkpoint import JSON_NAME as GENERATOR_FILE  # marks a checkpoint directory
+from pipeline.checkpoint import CheckpointError, read_generator_document
 from pipeline.errors import one_line
 from pipeline.tracking.store import TRACKING_ERRORS, tracking_client
 
 __all__ = [
+    "DOWNLOAD_RECORD",
     "ModelRegistry",
     "ModelUri",
     "NotRegistered",
@@ -46,6 +53,10 @@ __all__ = [
     "parse_model_uri",
     "resolve_model_uri",
 ]
+
+
+#: The file a download writes beside the artifacts: which store, model, version and source.
+DOWNLOAD_RECORD = "registered-version.json"
 
 
 class RegistryError(RuntimeError):
@@ -150,6 +161,21 @@ class ModelRegistry:
             return None
         return RegisteredVersion._of(mv)
 
+    def lookup(self, uri: str) -> RegisteredVersion:
+        """The version a ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` URI names now;
+        :class:`NotRegistered` (one line naming it) for a missing model, version or alias."""
+        ref = parse_model_uri(uri)
+        if ref.version is not None:
+            return self.version(ref.name, ref.version)
+        holder = self.alias_holder(ref.name, str(ref.alias))
+        if holder is None:
+            if not self.exists(ref.name):
+                raise NotRegistered(
+                    f"{uri}: no registered model {ref.name!r} in {self.tracking_uri}"
+                )
+            raise NotRegistered(f"{uri}: model {ref.name!r} has no alias {ref.alias!r}")
+        return holder
+
     # -- changes -------------------------------------------------------------------------------
 
     def set_version_tags(self, name: str, version: str, tags: Mapping[str, str]) -> None:
@@ -176,6 +202,7 @@ class ModelRegistry:
         *,
         prefer: str | None = None,
         strict: bool = False,
+        reuse: bool = False,
     ) -> Path:
         """Download a version's artifacts into ``dst`` (replacing it whole, or leaving it as it
         was on failure) and return the generator checkpoint directory in them (a directory
@@ -186,35 +213,84 @@ class ModelRegistry:
         a CUGAN model: ``gan``, the generator that stage trained). ``strict`` makes ``prefer``
         a requirement: a version without a directory of that name is a :class:`RegistryError`
         (the promotion rule scores exactly the kind it names, never a stand-in).
+
+        ``reuse``: where ``dst`` already holds a download of this very version (the same
+        store, name, version and source, as its :data:`DOWNLOAD_RECORD` says) whose chosen
+        checkpoint passes its sha256 check, return that without downloading; anything else in
+        ``dst`` is replaced by a fresh download.
         """
         where = f"models:/{name}/{version}"
+        record = self._record(name, version)
+        final = Path(dst).absolute()  # MLflow answers with absolute paths
+        if reuse:
+            cached = _reusable(final, record, where, prefer, strict)
+            if cached is not None:
+                return cached
         with _registry_call(where, missing="version"):
             uri = self._client.get_model_version_download_uri(name, version)
-        final = Path(dst)
         with staging_dir(final) as tmp:
             with _registry_call(f"{where}: download of {uri}"):
                 local = Path(
                     mlflow.artifacts.download_artifacts(
                         artifact_uri=uri, dst_path=str(tmp), tracking_uri=self.tracking_uri
                     )
-                )
-            found = sorted(
-                {p.parent for p in local.rglob(GENERATOR_FILE)},
-                key=lambda p: (len(p.relative_to(local).parts), str(p)),
-            )
-            if not found:
-                raise RegistryError(f"{where}: no {GENERATOR_FILE} in its artifacts ({uri})")
-            preferred = [p for p in found if prefer is not None and p.name == prefer]
-            if strict and not preferred:
-                held = ", ".join(sorted(p.name for p in found))
-                raise RegistryError(f"{where}: no {prefer!r} generator in its artifacts ({held})")
-            if prefer is not None and not preferred and len(found) > 1:
-                raise RegistryError(
-                    f"{where}: {len(found)} generators in its artifacts "
-                    f"and none in a directory named {prefer!r}"
-                )
-            chosen = (preferred or found)[0].relative_to(tmp)
+                ).absolute()
+            chosen = _pick(local, where, prefer, strict, uri).relative_to(tmp)
+            atomic_write_json(tmp / DOWNLOAD_RECORD, record)
         return final / chosen
+
+    def _record(self, name: str, version: str) -> dict[str, str | None]:
+        """What a download of ``name``/``version`` holds (its :data:`DOWNLOAD_RECORD`)."""
+        held = self.version(name, version)
+        return {
+            "tracking_uri": self.tracking_uri,
+            "name": held.name,
+            "version": held.version,
+            "source": held.source,
+            "run_id": held.run_id,
+        }
+
+
+def _pick(local: Path, where: str, prefer: str | None, strict: bool, uri: str) -> Path:
+    """The generator checkpoint directory under ``local``, by :meth:`ModelRegistry.download`'s
+    rules (``prefer``, ``strict``)."""
+    found = sorted(
+        {p.parent for p in local.rglob(GENERATOR_FILE)},
+        key=lambda p: (len(p.relative_to(local).parts), str(p)),
+    )
+    if not found:
+        raise RegistryError(f"{where}: no {GENERATOR_FILE} in its artifacts ({uri})")
+    preferred = [p for p in found if prefer is not None and p.name == prefer]
+    if strict and not preferred:
+        held = ", ".join(sorted(p.name for p in found))
+        raise RegistryError(f"{where}: no {prefer!r} generator in its artifacts ({held})")
+    if prefer is not None and not preferred and len(found) > 1:
+        raise RegistryError(
+            f"{where}: {len(found)} generators in its artifacts "
+            f"and none in a directory named {prefer!r}"
+        )
+    return (preferred or found)[0]
+
+
+def _reusable(
+    final: Path, record: Mapping[str, str | None], where: str, prefer: str | None, strict: bool
+) -> Path | None:
+    """The checkpoint that an earlier, complete download of the same version left in
+    ``final``, or None (nothing there, another version or store, a damaged checkpoint: the
+    caller downloads again). A version without the generator asked for is the same error as
+    after a fresh download."""
+    try:
+        held = json.loads((final / DOWNLOAD_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if held != dict(record):
+        return None
+    chosen = _pick(final, where, prefer, strict, str(final))
+    try:
+        read_generator_document(chosen)  # the sidecar's sha256 of the tensors file
+    except (CheckpointError, OSError):
+        return None
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,25 +337,29 @@ def parse_model_uri(uri: str) -> ModelUri:
 def resolve_model_uri(
     uri: str,
     tracking_uri: str,
-    dst: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None = None,
     *,
     prefer: str | None = None,
+    strict: bool = False,
+    cache: str | os.PathLike[str] | None = None,
 ) -> Path:
     """The local generator checkpoint directory of a registered model version.
 
-    ``uri`` is ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``; the version's artifacts are
-    downloaded into ``dst`` (:meth:`ModelRegistry.download`, ``prefer`` as there). A missing
-    model, version or alias is one :class:`NotRegistered` line naming it.
+    ``uri`` is ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``. The version's artifacts
+    are downloaded (:meth:`ModelRegistry.download`; ``prefer`` and ``strict`` as there) into
+    ``dst``, replacing it, or, with ``cache`` instead (a directory of downloads kept between
+    calls), into ``cache/<store>/NAME/VERSION`` (``<store>``: a digest of the tracking URI),
+    where a complete, verified download of the same version is reused. An alias is looked up
+    every time (it moves); a version's files never change. A missing model, version or alias
+    is one :class:`NotRegistered` line naming it.
     """
-    ref = parse_model_uri(uri)
+    if (dst is None) == (cache is None):
+        raise ValueError("resolve_model_uri: give either dst or cache")
     registry = ModelRegistry(tracking_uri)
-    if ref.version is not None:
-        version = registry.version(ref.name, ref.version).version
-    else:
-        holder = registry.alias_holder(ref.name, str(ref.alias))
-        if holder is None:
-            if not registry.exists(ref.name):
-                raise NotRegistered(f"{uri}: no registered model {ref.name!r} in {tracking_uri}")
-            raise NotRegistered(f"{uri}: model {ref.name!r} has no alias {ref.alias!r}")
-        version = holder.version
-    return registry.download(ref.name, version, dst, prefer=prefer)
+    held = registry.lookup(uri)
+    if cache is not None:
+        store = hashlib.sha256(tracking_uri.encode()).hexdigest()[:12]
+        dst = Path(cache) / store / held.name / held.version
+    return registry.download(
+        held.name, held.version, dst, prefer=prefer, strict=strict, reuse=cache is not None
+    )
