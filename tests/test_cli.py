@@ -374,9 +374,9 @@ def _model_cases(ckpt: dict[str, Path], tmp: Path) -> dict[str, tuple[list[objec
         "missing checkpoint": (["--model", tmp / "no-such-model"], "no such checkpoint"),
         "corrupt checkpoint": (["--model", ckpt["corrupt"]], "not a readable safetensors"),
         "pth instead of checkpoint": (["--model", _pth_file(tmp)], "import-official"),
-        "registered name": (
-            ["--model", "models:/cugan/1"],
-            "registered model names are not supported yet",
+        "registered name without a store": (
+            ["--model", "models:/cugan/1", "--tracking-uri", f"sqlite:///{tmp}/none.db"],
+            f"models:/cugan/1: no MLflow store at {tmp}/none.db",
         ),
         "no model": ([], "no model given"),
         "alpha without models": (
@@ -408,7 +408,7 @@ MODEL_CASES = [
     "missing checkpoint",
     "corrupt checkpoint",
     "pth instead of checkpoint",
-    "registered name",
+    "registered name without a store",
     "no model",
     "alpha without models",
     "alpha with one model",

@@ -328,7 +328,11 @@ def test_dni_ends_are_the_two_models_and_the_middle_is_the_average(checkpoints) 
         ((None,), {"mse_model": "x", "gan_model": "y"}, "without alpha"),
         (("x",), {"alpha": 0.5}, "not both"),
         ((None,), {"alpha": 1.5, "mse_model": "x", "gan_model": "y"}, "[0, 1]"),
-        (("models:/cugan/3",), {}, "registered model names are not supported yet"),
+        (
+            ("models:/cugan/3",),
+            {"tracking_uri": "sqlite:////nonexistent/mlflow.db"},
+            "models:/cugan/3: no MLflow store at /nonexistent/mlflow.db",
+        ),
     ],
 )
 def test_load_argument_errors(args, kw, words: str) -> None:

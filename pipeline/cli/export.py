@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         gan_model=args.gan_model,
         alpha=args.alpha,
         names=MODEL_FLAGS,
+        tracking_uri=args.tracking_uri,
     )
     roles = ("model",) if len(loaded.parts) == 1 else ("mse_model", "gan_model")
     sources = [

@@ -6,7 +6,9 @@ import argparse
 import logging
 import math
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.cli.common import (
@@ -20,7 +22,7 @@ from pipeline.cli.common import (
 )
 from pipeline.condition import DEFAULT_SCALE, ConditionScale
 from pipeline.device import resolve_device
-from pipeline.imageio import write_png
+from pipeline.imageio import COND_MAP_FORMAT, read_cond_map, write_png
 from pipeline.inference import (
     AUTO_TILE_MAX_PIXELS,
     AUTO_TILE_SIZE,
@@ -63,15 +65,17 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         description=(
             "Restore IN (blurred and/or noisy) into OUT (PNG). The condition is the degradation "
             "to remove: --blur R (Gaussian std in pixels) and --noise S (std on the 0..255 "
-            "scale), or the condition vector itself, --cond Z1,Z2 with entries in [0, 1]. "
+            "scale), or the condition vector itself, --cond Z1,Z2 with entries in [0, 1], or "
+            "a condition per pixel, --cond-map MAP. "
             "Levels become z with the scale the checkpoint records: at the method's scale "
             f"{DEFAULT_SCALE.describe()}, so R in [0, {b_max}] and S in [0, {n_max}]. Give "
             "--model, or --alpha with --mse-model and --gan-model for the MSE<->GAN blend "
-            "(alpha 1 = MSE model, 0 = GAN model)."
+            "(alpha 1 = MSE model, 0 = GAN model). A model is a checkpoint or a registry URI "
+            "(models:/NAME/VERSION, models:/NAME@ALIAS; see --model)."
         ),
     )
     add_io(p)
-    cond = p.add_argument_group("condition (either --blur and --noise, or --cond)")
+    cond = p.add_argument_group("condition (--blur and --noise, or --cond, or --cond-map)")
     cond.add_argument(
         "--blur",
         type=float,
@@ -89,6 +93,12 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         type=cond_arg,
         metavar="Z1,Z2",
         help="condition vector z, entries in [0, 1]",
+    )
+    cond.add_argument(
+        "--cond-map",
+        type=Path,
+        metavar="MAP",
+        help=f"a condition per pixel (e.g. the studio's download): {COND_MAP_FORMAT}",
     )
     add_model_arguments(p)
     execution = p.add_argument_group("execution")
@@ -134,29 +144,54 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model, or --alpha with --mse-model and --gan-model (shared with ``cugan export``)."""
+    """--model, or --alpha with --mse-model and --gan-model, and the registry's --tracking-uri
+    (shared with ``cugan export``; the rules are those of
+    :func:`pipeline.inference.load_model_for_inference`)."""
     model = p.add_argument_group(
         "model (either --model, or --alpha with --mse-model and --gan-model)"
     )
     model.add_argument(
         "--model",
-        metavar="PATH",
-        help="checkpoint directory or .safetensors (from training or import-official)",
+        metavar="M",
+        help="checkpoint directory or .safetensors (from training or import-official), or a "
+        "registry URI models:/NAME/VERSION or models:/NAME@ALIAS: its GAN generator where the "
+        "version has one (cugan), else its only one (cunet); with --alpha, the blend of that "
+        "version's own mse and gan generators",
     )
     model.add_argument(
         "--alpha", type=float, metavar="A", help="DNI blend: (1 - A) * GAN + A * MSE, A in [0, 1]"
     )
-    model.add_argument("--mse-model", metavar="PATH", help="MSE (CUnet) checkpoint for --alpha")
-    model.add_argument("--gan-model", metavar="PATH", help="GAN (CUGAN) checkpoint for --alpha")
+    model.add_argument(
+        "--mse-model",
+        metavar="M",
+        help="MSE (CUnet) checkpoint for --alpha, or a registry URI: that version's mse generator",
+    )
+    model.add_argument(
+        "--gan-model",
+        metavar="M",
+        help="GAN (CUGAN) checkpoint for --alpha, or a registry URI: that version's gan generator",
+    )
+    model.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow store of registry URIs (default: $MLFLOW_TRACKING_URI, else tracking.uri "
+        "of ./params.yaml); downloads are kept in the user cache ($CUGAN_CACHE_DIR overrides)",
+    )
 
 
-def _condition(args: argparse.Namespace) -> list[float] | tuple[float, float]:
+def _condition(args: argparse.Namespace) -> list[float] | tuple[float, float] | Path:
     """Which form of condition was given, checked as far as it can be without a model.
 
-    Returns the ``--cond`` values (checked to lie in [0, 1]), or the ``(blur, noise)`` levels,
-    which :func:`_z_for` converts with the scale of the model once it is loaded.
+    Returns the ``--cond`` values (checked to lie in [0, 1]), the ``(blur, noise)`` levels,
+    which :func:`_z_for` converts with the scale of the model once it is loaded, or the
+    ``--cond-map`` path (read once the image's size is known).
     """
     levels_given = args.blur is not None or args.noise is not None
+    if args.cond_map is not None:
+        if args.cond is not None or levels_given:
+            given = "--cond" if args.cond is not None else "--blur/--noise"
+            raise ValueError(f"give either --cond-map or {given}, not both")
+        return args.cond_map
     if args.cond is not None and levels_given:
         raise ValueError("give either --cond or --blur/--noise, not both")
     if args.cond is not None:
@@ -172,7 +207,7 @@ def _condition(args: argparse.Namespace) -> list[float] | tuple[float, float]:
         )
         if missing:
             raise ValueError(f"{missing} is missing: give both --blur and --noise (or --cond)")
-        raise ValueError("no condition given: --blur R --noise S, or --cond Z1,Z2")
+        raise ValueError("no condition given: --blur R --noise S, --cond Z1,Z2 or --cond-map MAP")
     return args.blur, args.noise
 
 
@@ -182,6 +217,17 @@ def _z_for(condition: list[float] | tuple[float, float], scale: ConditionScale) 
         return torch.tensor(condition, dtype=torch.float32)
     blur, noise = scale.check_levels(*condition, names=LEVEL_FLAGS)
     return scale.to_z(blur, noise)[0]
+
+
+def _cond_map(path: Path, args: argparse.Namespace, height: int, width: int) -> np.ndarray:
+    """The ``--cond-map`` file as uint8 H x W x 2, which must have the image's size."""
+    zmap = read_cond_map(path, max_pixels=args.max_pixels)
+    if zmap.shape[:2] != (height, width):
+        raise ValueError(
+            f"{path}: the condition map is {zmap.shape[1]}x{zmap.shape[0]} but {args.input} is "
+            f"{width}x{height}: a condition map has the image's size"
+        )
+    return zmap
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,16 +240,23 @@ def run(args: argparse.Namespace) -> int:
         gan_model=args.gan_model,
         alpha=args.alpha,
         names=MODEL_FLAGS,
+        tracking_uri=args.tracking_uri,
     )
     model, cfg = loaded.model, loaded.config
-    z = _z_for(condition, loaded.scale)
     image = read_input(args).array
     h, w = image.shape[:2]
+    if isinstance(condition, Path):
+        z: torch.Tensor | np.ndarray = _cond_map(condition, args, h, w)
+        values, z_text = z.shape[2], f"map {condition}"
+    else:
+        z = _z_for(condition, loaded.scale)
+        values, z_text = z.numel(), "z=[" + ",".join(f"{v:.4g}" for v in z.tolist()) + "]"
     if not cfg.conditional:
         log.warning("note: the model is unconditional (a Unet baseline): the condition is ignored")
         z_arg = None
-    elif z.numel() != cfg.cond_dim:
-        raise ValueError(f"--cond has {z.numel()} values but the model takes {cfg.cond_dim}")
+    elif values != cfg.cond_dim:
+        flag = "--cond-map" if isinstance(condition, Path) else "--cond"
+        raise ValueError(f"{flag} has {values} values but the model takes {cfg.cond_dim}")
     else:
         z_arg = z
 
@@ -224,9 +277,8 @@ def run(args: argparse.Namespace) -> int:
     )
     result = restore(prepared, image, z_arg, tile=tile or None, tile_overlap=overlap)
     write_png(args.output, result)
-    z_text = ",".join(f"{v:.4g}" for v in z.tolist())
     log.info(
-        "wrote %s (%dx%d, z=[%s], model %s, %s, path %s) in %.2f s",
+        "wrote %s (%dx%d, %s, model %s, %s, path %s) in %.2f s",
         args.output,
         w,
         h,
