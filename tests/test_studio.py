@@ -90,8 +90,10 @@ def test_model_names_resolve_in_one_place(tmp_path: Path) -> None:
     assert resolve_model_spec("  runs/ck  ") == "runs/ck"
     with pytest.raises(StudioError, match="got nothing"):
         resolve_model_spec(" ")
-    with pytest.raises(ValueError, match="registered model names are not supported yet"):
-        ModelSession(ModelSpec(model="models:/cunet/1"))
+    with pytest.raises(ValueError, match="models:/cunet/1: no MLflow store at"):
+        ModelSession(
+            ModelSpec(model="models:/cunet/1"), tracking_uri=f"sqlite:///{tmp_path}/none.db"
+        )
     with pytest.raises(ValueError, match="missing: no such checkpoint"):
         ModelSession(ModelSpec(model=str(tmp_path / "missing")))
 

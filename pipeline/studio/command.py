@@ -13,6 +13,7 @@ import logging
 import signal
 
 from pipeline.imageio import DEFAULT_MAX_PIXELS
+from pipeline.inference import Backend, Precision
 from pipeline.studio.session import ModelSession, ModelSpec
 
 __all__ = ["add_parser", "run"]
@@ -57,13 +58,34 @@ def add_parser(
             "blend alpha when two models are given, a before/after comparison, a live preview "
             "box, a painted region with its own condition, and the `cugan restore` command "
             "that reproduces each result. Scripts can call its /restore endpoint with "
-            "gradio_client. Give --model, or --mse-model and --gan-model."
+            "gradio_client. Give --model, or --mse-model and --gan-model: a checkpoint "
+            "directory, a .safetensors file, or a registry URI models:/NAME/VERSION or "
+            "models:/NAME@ALIAS (as for cugan restore)."
         ),
     )
     models = p.add_argument_group("model (either --model, or --mse-model and --gan-model)")
-    models.add_argument("--model", metavar="PATH", help="checkpoint directory or .safetensors file")
-    models.add_argument("--mse-model", metavar="PATH", help="MSE (CUnet) checkpoint: alpha 1")
-    models.add_argument("--gan-model", metavar="PATH", help="GAN (CUGAN) checkpoint: alpha 0")
+    models.add_argument(
+        "--model",
+        metavar="M",
+        help="checkpoint directory, .safetensors file, or registry URI (its GAN generator "
+        "where the version has one, else its only one)",
+    )
+    models.add_argument(
+        "--mse-model",
+        metavar="M",
+        help="MSE (CUnet) checkpoint, alpha 1; a registry URI: that version's mse generator",
+    )
+    models.add_argument(
+        "--gan-model",
+        metavar="M",
+        help="GAN (CUGAN) checkpoint, alpha 0; a registry URI: that version's gan generator",
+    )
+    models.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow store of registry URIs (default: $MLFLOW_TRACKING_URI, else tracking.uri "
+        "of ./params.yaml)",
+    )
     serve = p.add_argument_group("server")
     serve.add_argument(
         "--host",
@@ -76,6 +98,19 @@ def add_parser(
         choices=("cpu", "cuda", "auto"),
         default="auto",
         help="where to run (default: auto = cuda when available)",
+    )
+    serve.add_argument(
+        "--backend",
+        choices=[b.value for b in Backend],
+        default=Backend.AUTO.value,
+        help="inference path, as for cugan restore; auto (default) = the fastest exact one "
+        "measured here for a long-lived service, chosen once; the CLI command states it",
+    )
+    serve.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        default=Precision.AUTO.value,
+        help="fp32 or bf16, as for cugan restore (default auto)",
     )
     serve.add_argument(
         "--max-pixels",
@@ -91,7 +126,13 @@ def add_parser(
 def run(args: argparse.Namespace) -> int:
     """Load the model(s) (errors end the command with one line), then serve until Ctrl-C."""
     spec = ModelSpec(args.model, args.mse_model, args.gan_model)
-    session = ModelSession(spec, device=args.device)
+    session = ModelSession(
+        spec,
+        device=args.device,
+        backend=args.backend,
+        precision=args.precision,
+        tracking_uri=args.tracking_uri,
+    )
 
     from pipeline.studio.ui import Studio, launch  # Gradio: only when a server starts
 

@@ -9,8 +9,23 @@ alpha, so going back to an alpha costs nothing and no slider move ever reads a f
 
 Levels become z through the checkpoint's own :class:`~pipeline.condition.ConditionScale`
 (``generator.json``), never through module constants: a model trained with other maxima is
-driven with its own scale. Every model run goes through :func:`pipeline.inference.restore`,
-so whatever inference path that module chooses applies to the studio too.
+driven with its own scale.
+
+The inference path (:mod:`pipeline.inference.choice`): a session chooses ONE path when it
+starts, for its first generator and the studio's workload (a service:
+:meth:`~pipeline.inference.Workload.service`; ``--backend`` / ``--precision`` restrict it as
+they do for ``cugan restore``), and runs everything on it: the preview, the full image, the
+``/restore`` endpoint, every alpha. Each generator (the single model, each cached blend) is
+prepared once (:func:`pipeline.inference.prepare_model` with that path requested), so a slider
+move never rebuilds a path. The path is part of the "CLI command" (``--backend B --precision
+P``, :mod:`pipeline.studio.recipe`): ``cugan restore`` with the studio's arguments then runs
+the very path the studio ran and writes the same pixels, on any machine, whatever its own
+choice for one image would have been.
+
+Model names: a checkpoint path, or a registry URI resolved by the inference loader
+(:func:`pipeline.inference.load_model_for_inference`, in the store of ``tracking_uri``);
+:attr:`ModelSession.names` are the names that load the same weights again (a URI pinned to
+the version its alias pointed at), which the CLI command uses.
 """
 
 from __future__ import annotations
@@ -29,13 +44,20 @@ from models.generator import Generator, GeneratorConfig
 from pipeline.condition import ConditionScale
 from pipeline.device import resolve_device
 from pipeline.inference import (
+    Backend,
     ModelArgumentNames,
+    PathSpec,
+    Precision,
+    PreparedModel,
     Progress,
+    Workload,
     auto_tile,
     load_model_for_inference,
+    prepare_model,
     receptive_field_radius,
     restore,
 )
+from pipeline.inference.loading import default_tracking_uri, is_registered
 
 __all__ = [
     "ALPHA_CACHE_SIZE",
@@ -62,16 +84,15 @@ class StudioError(ValueError):
 
 
 def resolve_model_spec(spec: str) -> str:
-    """The one place where a model name given to the studio becomes something loadable.
-
-    Today a checkpoint directory or a ``.safetensors`` file, returned as given:
-    :func:`pipeline.inference.load_model_for_inference` checks it, and refuses registry URIs
-    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) with one line for now. When the loader
-    resolves them (``pipeline.tracking.resolve_model_uri``), the studio gets them with it; if
-    the studio should resolve them itself instead, that is one line here.
-    """
+    """A model name given to the studio (a field of the page, a flag), trimmed: a checkpoint
+    directory, a ``.safetensors`` file or a registry URI (``models:/NAME/VERSION``,
+    ``models:/NAME@ALIAS``). It is resolved by the inference loader, the one place for every
+    command (:func:`pipeline.inference.load_model_for_inference`), which checks it."""
     if not isinstance(spec, str) or not spec.strip():
-        raise StudioError("a model is a checkpoint directory or .safetensors file (got nothing)")
+        raise StudioError(
+            "a model is a checkpoint directory, a .safetensors file or a registry URI "
+            "models:/NAME/VERSION (got nothing)"
+        )
     return spec.strip()
 
 
@@ -99,6 +120,11 @@ class ModelSpec:
     def is_pair(self) -> bool:
         return not self.model
 
+    @property
+    def registered(self) -> bool:
+        """Whether a registry URI is among the models (they need a tracking store)."""
+        return any(is_registered(v) for v in (self.model, self.mse_model, self.gan_model) if v)
+
     def describe(self) -> str:
         if self.model:
             return self.model
@@ -106,10 +132,11 @@ class ModelSpec:
 
 
 class ModelSession:
-    """Loaded model(s) with their z scale; runs restorations for the page and the API.
+    """Loaded model(s) with their z scale and inference path; runs restorations for the page
+    and the API (module docstring).
 
     Thread-safe: Gradio calls handlers from worker threads, so cache updates and model runs
-    (``restore`` moves the module to its device) hold one lock.
+    hold one lock.
     """
 
     def __init__(
@@ -117,14 +144,21 @@ class ModelSession:
         spec: ModelSpec,
         *,
         device: str = "auto",
+        backend: Backend | str = Backend.AUTO,
+        precision: Precision | str = Precision.AUTO,
+        tracking_uri: str | None = None,
         cache_size: int = ALPHA_CACHE_SIZE,
     ) -> None:
         self.spec = spec
         self.device = resolve_device(device)
         self.device_name = device
+        self.requested = (Backend(backend), Precision(precision))
+        # The store is fixed once, so that the CLI command names the one the models came from.
+        self.tracking_uri = tracking_uri or (default_tracking_uri() if spec.registered else None)
         self._lock = threading.RLock()
-        self._blends: OrderedDict[float, Generator] = OrderedDict()
+        self._prepared: OrderedDict[float, PreparedModel] = OrderedDict()
         self._cache_size = max(1, cache_size)
+        names = {"names": _NAMES, "tracking_uri": self.tracking_uri}
         if spec.is_pair:
             # The loader checks that the pair can be blended (configs, z scales) and keeps the
             # two loaded checkpoints: every later alpha is blended from them in memory.
@@ -132,16 +166,52 @@ class ModelSession:
                 mse_model=resolve_model_spec(spec.mse_model),
                 gan_model=resolve_model_spec(spec.gan_model),
                 alpha=1.0,
-                names=_NAMES,
+                **names,
             )
             mse, gan = loaded.parts
-            self._mse, self._gan, self._single = mse.model, gan.model, None
-            self._blends[1.0] = loaded.model
+            self._mse, self._gan = mse.model, gan.model
         else:
-            loaded = load_model_for_inference(resolve_model_spec(spec.model), names=_NAMES)
-            self._single, self._mse, self._gan = loaded.model, None, None
+            loaded = load_model_for_inference(resolve_model_spec(spec.model), **names)
+            self._mse = self._gan = None
+        self.names: tuple[str, ...] = loaded.names
         self.scale: ConditionScale = loaded.scale
-        log.info("studio model: %s (%s, %s)", spec.describe(), self.scale.describe(), self.device)
+        first = prepare_model(
+            loaded.model,
+            device=self.device,
+            backend=backend,
+            precision=precision,
+            workload=Workload.service(),
+        )
+        self.path: PathSpec = first.choice.spec
+        self._single = None if spec.is_pair else first
+        if spec.is_pair:
+            self._prepared[1.0] = first
+        log.info(
+            "studio model: %s (%s, %s, inference path %s)",
+            spec.describe(),
+            self.scale.describe(),
+            self.device,
+            self.path.name,
+        )
+
+    @property
+    def pinned_spec(self) -> ModelSpec:
+        """The models as names that load the same weights again (:attr:`names`)."""
+        if self.spec.is_pair:
+            return ModelSpec(mse_model=self.names[0], gan_model=self.names[1])
+        return ModelSpec(model=self.names[0])
+
+    def with_spec(self, spec: ModelSpec) -> ModelSession:
+        """Another model (or pair) with this session's device, path requests and store."""
+        backend, precision = self.requested
+        return ModelSession(
+            spec,
+            device=self.device_name,
+            backend=backend,
+            precision=precision,
+            tracking_uri=self.tracking_uri,
+            cache_size=self._cache_size,
+        )
 
     # -- models -----------------------------------------------------------------------------
 
@@ -151,7 +221,7 @@ class ModelSession:
 
     @property
     def config(self) -> GeneratorConfig:
-        return (self._single or self._mse).config
+        return (self._single.model if self._single is not None else self._mse).config
 
     @property
     def context_margin(self) -> int:
@@ -160,25 +230,37 @@ class ModelSession:
 
     def cached_alphas(self) -> list[float]:
         with self._lock:
-            return list(self._blends)
+            return list(self._prepared)
 
-    def generator(self, alpha: float | None) -> Generator:
-        """The single model, or the DNI blend at ``alpha`` (cached; alpha ignored if single)."""
+    def prepared(self, alpha: float | None) -> PreparedModel:
+        """The single model, or the DNI blend at ``alpha``, on the session's path (cached per
+        alpha: blended and prepared once; alpha ignored with a single model)."""
         if self._single is not None:
             return self._single
         if alpha is None:
             raise StudioError("alpha is required with an MSE and a GAN model (0 = GAN, 1 = MSE)")
         alpha = float(alpha)
         with self._lock:
-            if alpha in self._blends:
-                self._blends.move_to_end(alpha)
-                return self._blends[alpha]
+            if alpha in self._prepared:
+                self._prepared.move_to_end(alpha)
+                return self._prepared[alpha]
             blended = blend_generators(self._mse, self._gan, alpha)  # validates alpha
-            self._blends[alpha] = blended
-            while len(self._blends) > self._cache_size:
-                self._blends.popitem(last=False)
-            log.debug("blended alpha=%g (%d cached)", alpha, len(self._blends))
-            return blended
+            ready = prepare_model(
+                blended,
+                device=self.device,
+                backend=self.path.backend,
+                precision=self.path.precision,
+                quiet=True,  # the session's path, logged when it was chosen
+            )
+            self._prepared[alpha] = ready
+            while len(self._prepared) > self._cache_size:
+                self._prepared.popitem(last=False)
+            log.debug("blended alpha=%g (%d cached)", alpha, len(self._prepared))
+            return ready
+
+    def generator(self, alpha: float | None) -> Generator:
+        """The generator of :meth:`prepared` (the weights the session runs)."""
+        return self.prepared(alpha).model
 
     # -- runs --------------------------------------------------------------------------------
 
@@ -209,17 +291,20 @@ class ModelSession:
         h, w = image.shape[:2]
         size = auto_tile(h, w) if tile == "auto" else tile
         with self._lock:
-            model = self.generator(alpha)
             return restore(
-                model,
+                self.prepared(alpha),
                 image,
                 z,
                 tile=size,
                 tile_overlap=self.context_margin,
-                device=self.device,
                 progress=progress,
             )
 
     def describe(self) -> str:
         kind = "DNI blend" if self.has_alpha else "model"
-        return f"{kind} {self.spec.describe()}; {self.scale.describe()}; device {self.device}"
+        pinned = [n for n in self.names if is_registered(n)]
+        versions = f" ({', '.join(pinned)} in {self.tracking_uri})" if pinned else ""
+        return (
+            f"{kind} {self.spec.describe()}{versions}; {self.scale.describe()}; device "
+            f"{self.device}; inference path {self.path.name}"
+        )

@@ -193,12 +193,14 @@ class Studio:
         return restore_command(
             input_name=image.name,
             output_name=f"{image.path.stem}_restored.png",
-            spec=session.spec,
+            spec=session.pinned_spec,
             blur=blur,
             noise=noise,
             alpha=alpha if session.has_alpha else None,
             cond_map_name=cond_map,
             device=session.device_name,
+            path=session.path,
+            tracking_uri=session.tracking_uri,
         )
 
     # -- runs --------------------------------------------------------------------------------
@@ -329,7 +331,7 @@ class Studio:
         skip = gr.skip()
         try:
             spec = ModelSpec(model.strip() or None, mse.strip() or None, gan.strip() or None)
-            session = ModelSession(spec, device=self.session.device_name)
+            session = self.session.with_spec(spec)
         except USER_ERRORS as err:
             return skip, skip, skip, skip, skip, skip, _error(err)
         with self._swap:
