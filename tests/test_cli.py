@@ -19,7 +19,7 @@ from pipeline.checkpoint import save_generator
 from pipeline.cli import main
 from pipeline.condition import DEFAULT_SCALE, ConditionScale
 from pipeline.degradation import degrade, to_tensor, to_uint8
-from pipeline.imageio import read_rgb8, write_png
+from pipeline.imageio import read_rgb8, write_cond_map, write_png
 from pipeline.inference import load_model_for_inference, restore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,6 +141,75 @@ def test_restore_tiled_equals_untiled(capsys, tmp_path, ckpt) -> None:
     assert code == 0 and "tiling: 24 px tiles" in err
     diff = np.abs(read_rgb8(a).array.astype(int) - read_rgb8(b).array.astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+def _constant_map(path: Path, k_blur: int, k_noise: int, h: int = 20, w: int = 24) -> Path:
+    zmap = np.empty((h, w, 2), np.uint8)
+    zmap[..., 0], zmap[..., 1] = k_blur, k_noise
+    return write_cond_map(path, zmap)
+
+
+@pytest.mark.parametrize("tile", [0, 8])
+def test_constant_cond_map_equals_cond(capsys, tmp_path, rgb_png, ckpt, tile: int) -> None:
+    """A map of one z is the vector path bit for bit (the map's z is k / 255, so --cond is
+    given as those very floats); tiled too, where each tile gets its crop of the map."""
+    cond_map = _constant_map(tmp_path / "map.png", 64, 200)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    model = ["--model", ckpt["mse"], "--tile", tile]
+    code, _, err = _run(capsys, "restore", rgb_png, a, "--cond-map", cond_map, *model)
+    assert code == 0 and f"map {cond_map}" in err, err
+    cond = f"{64 / 255!r},{200 / 255!r}"
+    assert _run(capsys, "restore", rgb_png, b, "--cond", cond, *model)[0] == 0
+    np.testing.assert_array_equal(read_rgb8(a).array, read_rgb8(b).array)
+    other = tmp_path / "other.png"
+    assert _run(capsys, "restore", rgb_png, other, "--cond", "0,0", *model)[0] == 0
+    assert not np.array_equal(read_rgb8(a).array, read_rgb8(other).array)
+
+
+def _rgb_map(tmp: Path) -> Path:
+    return write_png(tmp / "rgb_map.png", _rgb())
+
+
+def _text_map(tmp: Path) -> Path:
+    p = tmp / "text_map.png"
+    p.write_text("hello, I am text\n")
+    return p
+
+
+def _grey16_map(tmp: Path) -> Path:
+    p = tmp / "g16_map.png"
+    Image.fromarray(np.full((20, 24), 1000, np.uint16)).save(p)
+    return p
+
+
+BAD_MAPS = {
+    "wrong size": (lambda t: _constant_map(t / "m.png", 1, 2, 10, 24), [], "map is 24x10 but"),
+    "rgb png": (_rgb_map, [], "grey + alpha PNG of the image's size"),
+    "16-bit": (_grey16_map, [], "a condition map is an 8-bit grey + alpha PNG"),
+    "not an image": (_text_map, [], "not an image"),
+    "missing": (lambda t: t / "nope.png", [], "no such file"),
+    "with --cond": (lambda t: _constant_map(t / "m.png", 1, 2), ["--cond", "0,0"], "not both"),
+    "with levels": (
+        lambda t: _constant_map(t / "m.png", 1, 2),
+        ["--blur", "1", "--noise", "1"],
+        "give either --cond-map or --blur/--noise, not both",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MAPS))
+def test_bad_cond_maps(capsys, tmp_path, rgb_png, ckpt, case: str) -> None:
+    make, extra, words = BAD_MAPS[case]
+    out = tmp_path / "out.png"
+    argv = ["restore", rgb_png, out, "--cond-map", make(tmp_path), "--model", ckpt["mse"], *extra]
+    _assert_one_line_error(*_run(capsys, *argv)[::2], words)
+    assert not out.exists()
+
+
+def test_cond_map_for_a_model_of_another_cond_dim(capsys, tmp_path, rgb_png, ckpt) -> None:
+    argv = ["--cond-map", _constant_map(tmp_path / "m.png", 1, 2), "--model", ckpt["cond3"]]
+    code, _, err = _run(capsys, "restore", rgb_png, tmp_path / "o.png", *argv)
+    _assert_one_line_error(code, err, "--cond-map has 2 values but the model takes 3")
 
 
 def test_grayscale_input_is_converted_and_said(capsys, tmp_path, ckpt) -> None:

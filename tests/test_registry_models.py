@@ -22,21 +22,16 @@ from pipeline.inference import load_model_for_inference
 from pipeline.inference.loading import registered_cache_dir
 from pipeline.studio.session import ModelSession, ModelSpec
 from pipeline.studio.ui import Studio
-from pipeline.tracking.registry import DOWNLOAD_RECORD
+from pipeline.tracking.registry import DOWNLOAD_RECORD, ModelRegistry, resolve_model_uri
 from tests import studio_fixtures as kit
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A sqlite store with ``cunet`` versions 1 (seed 1, ``champion``) and 2 (seed 2), and
-    ``cugan`` version 1 holding ``mse`` (seed 1, the CUnet it started from) and ``gan``
-    (seed 7), ``champion``. The user cache is in tmp_path."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("CUGAN_CACHE_DIR", str(tmp_path / "cache"))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    exp = client.create_experiment("reg", artifact_location=(tmp_path / "art").as_uri())
-    ckpts = {seed: kit.tiny_checkpoint(tmp_path / f"ck{seed}", seed) for seed in (1, 2, 7)}
+def _register_all(client: MlflowClient, root: Path, artifact_location: str | None) -> dict:
+    """``cunet`` versions 1 (seed 1, ``champion``) and 2 (seed 2), and ``cugan`` version 1
+    holding ``mse`` (seed 1, the CUnet it started from) and ``gan`` (seed 7), ``champion``,
+    laid out as the training stages register them (``model/artifacts/<part>``)."""
+    exp = client.create_experiment("reg", artifact_location=artifact_location)
+    ckpts = {seed: kit.tiny_checkpoint(root / f"ck{seed}", seed) for seed in (1, 2, 7)}
 
     def register(name: str, parts: dict[str, int]) -> str:
         run = client.create_run(exp).info.run_id
@@ -52,6 +47,18 @@ def store(tmp_path, monkeypatch):
     assert register("cugan", {"mse": 1, "gan": 7}) == "1"
     client.set_registered_model_alias("cunet", "champion", "1")
     client.set_registered_model_alias("cugan", "champion", "1")
+    return ckpts
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A sqlite store in tmp_path holding :func:`_register_all`'s versions; the user cache is
+    in tmp_path."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("CUGAN_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    ckpts = _register_all(client, tmp_path, (tmp_path / "art").as_uri())
     return {"uri": uri, "client": client, "ckpt": ckpts}
 
 
@@ -261,3 +268,55 @@ def test_studio_with_registry_models_and_its_command(store, tmp_path) -> None:
     assert swapped.tracking_uri == uri and _same(
         swapped.generator(None), _weights(store["ckpt"][2])
     )
+
+
+def test_restore_by_version_and_by_alias_equals_the_checkpoint_dir(store, tmp_path) -> None:
+    uri, ck = store["uri"], store["ckpt"]
+    direct = _restore(tmp_path, "dir", "--model", str(ck[1]))
+    for name, model in (("v1", "models:/cunet/1"), ("alias", "models:/cunet@champion")):
+        got = _restore(tmp_path, name, "--model", model, "--tracking-uri", uri)
+        np.testing.assert_array_equal(got, direct, err_msg=model)
+
+
+def test_download_into_a_relative_dst(store, tmp_path, monkeypatch) -> None:
+    """A relative ``dst`` is the caller's working directory's (MLflow answers with absolute
+    paths: the checkpoint is found in them and returned absolute)."""
+    monkeypatch.chdir(tmp_path)
+    registry = ModelRegistry(store["uri"])
+    got = registry.download("cugan", "1", "downloads/cugan", prefer="gan")
+    assert got.is_absolute() and got.is_relative_to(tmp_path / "downloads" / "cugan")
+    assert got.name == "gan" and _same(load_checkpoint(got).model, _weights(store["ckpt"][7]))
+    again = resolve_model_uri("models:/cunet@champion", store["uri"], "downloads/cunet")
+    assert again.is_relative_to(tmp_path / "downloads" / "cunet")
+    assert _same(load_checkpoint(again).model, _weights(store["ckpt"][1]))
+
+
+def test_registry_uris_through_a_real_mlflow_server(tmp_path, monkeypatch, capsys) -> None:
+    """``mlflow server`` with proxied artifacts (mlflow-artifacts:/ over HTTP), as a team's
+    shared store is: restore by version and by alias equals the checkpoint directory, the
+    studio loads the alias, a missing alias is one line."""
+    from tests.mlflow_server import mlflow_server
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("CUGAN_CACHE_DIR", str(tmp_path / "cache"))
+    with mlflow_server(tmp_path / "server") as server:
+        ck = _register_all(MlflowClient(server.uri), tmp_path, None)
+        direct = _restore(tmp_path, "dir", "--model", str(ck[1]))
+        by_version = _restore(
+            tmp_path, "v", "--model", "models:/cunet/1", "--tracking-uri", server.uri
+        )
+        np.testing.assert_array_equal(by_version, direct)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        np.testing.assert_array_equal(
+            _restore(tmp_path, "a", "--model", "models:/cunet@champion"), direct
+        )
+        session = ModelSession(ModelSpec(model="models:/cugan@champion"))
+        assert session.tracking_uri == server.uri and "models:/cugan/1" in session.describe()
+        assert _same(session.generator(None), _weights(ck[7]))
+        image = tmp_path / "in.png"
+        argv = ["restore", str(image), str(tmp_path / "x.png"), "--model", "models:/cunet@best"]
+        capsys.readouterr()
+        assert cli.main([*argv, "--cond", "0,0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == "cugan: error: models:/cunet@best: model 'cunet' has no alias 'best'", err
+    assert not (tmp_path / "x.png").exists()
