@@ -16,7 +16,14 @@ from pipeline import cli
 from pipeline.checkpoint import load_generator
 from pipeline.condition import ConditionScale
 from pipeline.imageio import read_cond_map, write_cond_map
-from pipeline.inference import receptive_field_radius, restore
+from pipeline.inference import (
+    Backend,
+    PathSpec,
+    Precision,
+    Workload,
+    receptive_field_radius,
+    restore,
+)
 from pipeline.studio import session as session_module
 from pipeline.studio.recipe import number, restore_command
 from pipeline.studio.regions import (
@@ -237,6 +244,20 @@ def test_command_forms() -> None:
         device="cpu",
     )
     assert single == "cugan restore a.png b.png --model m --cond-map a_condmap.png --device cpu"
+    registered = restore_command(
+        input_name="a.png",
+        output_name="b.png",
+        spec=ModelSpec(model="models:/cugan/3"),
+        blur=1,
+        noise=2,
+        alpha=None,
+        path=PathSpec(Backend.CHANNELS_LAST, Precision.BF16),
+        tracking_uri="http://mlflow:5000",
+    )
+    assert registered == (
+        "cugan restore a.png b.png --model models:/cugan/3 --blur 1 --noise 2 "
+        "--backend channels_last --precision bf16 --tracking-uri http://mlflow:5000"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +310,9 @@ def test_painted_region_runs_the_z_map(pair, photo, tmp_path: Path) -> None:
         out = read_image(result).array
         model = pair.generator(0.6)
         np.testing.assert_array_equal(out, restore(model, image.array, zmap))
+        # The exported map through `cugan restore --cond-map`, as the command says.
+        cli_out = kit.cli_restore(command, photo, tmp_path / "cm.png", cwd=Path(cond).parent)
+        np.testing.assert_array_equal(cli_out, out)
         # Away from the border by more than the receptive field: each side is its own vector.
         r = receptive_field_radius(model.config) + model.size_multiple
         outside = restore(model, image.array, torch.tensor(zmap[0, 127]) / 255.0)
@@ -303,6 +327,83 @@ def test_painted_region_runs_the_z_map(pair, photo, tmp_path: Path) -> None:
         np.testing.assert_array_equal(
             read_image(plain[1]).array, pair.restore(image.array, 0.5, 5.0, 0.6)
         )
+    finally:
+        studio.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the inference path: chosen once, carried by the CLI command
+
+
+def _strip_path(command: str) -> str:
+    """The command without its ``--backend B --precision P`` (what ``cugan restore`` would
+    choose by itself)."""
+    argv = shlex.split(command)
+    for flag in ("--backend", "--precision"):
+        i = argv.index(flag)
+        del argv[i : i + 2]
+    return shlex.join(argv)
+
+
+def test_one_path_for_the_session_and_the_cli_command_runs_it(
+    ckpts, photo, tmp_path: Path, monkeypatch
+) -> None:
+    """A session asked for bf16 (a path that is not eager fp32's pixels) runs every generator
+    on it, prepares each once, and its command names it: ``cugan restore`` with the command
+    writes the very same pixels, for a blend alpha and for a painted condition map, and
+    without the path flags it would not."""
+    calls: list[dict] = []
+    real = session_module.prepare_model
+
+    def counting(model, **kwargs):
+        calls.append(kwargs)
+        return real(model, **kwargs)
+
+    monkeypatch.setattr(session_module, "prepare_model", counting)
+    spec = ModelSpec(mse_model=str(ckpts["mse"]), gan_model=str(ckpts["gan"]))
+    session = ModelSession(spec, backend="eager", precision="bf16")
+    assert session.path == PathSpec(Backend.EAGER, Precision.BF16)
+    assert "inference path bf16" in session.describe()
+    assert len(calls) == 1 and calls[0]["workload"] == Workload.service()
+    studio = Studio(session)
+    try:
+        image = studio.load(str(photo))[0]
+        args = (image, 2.0, 15.0, 0.4, None, None, 64)
+        _, result, _, command, _ = studio.full(*args, False, None, 0, 0, progress=_Progress())
+        assert "--backend eager --precision bf16" in command
+        written = read_image(result).array
+        np.testing.assert_array_equal(kit.cli_restore(command, photo, tmp_path / "c.png"), written)
+        fp32 = kit.cli_restore(_strip_path(command), photo, tmp_path / "fp32.png")
+        assert not np.array_equal(fp32, written)  # the flags are what makes them equal
+        # A painted region on the same alpha: the exported map through the CLI.
+        editor = _editor(96, 128, slice(20, 70), slice(0, 50))
+        _, painted, cond, command, _ = studio.full(
+            *args, True, editor, 3.5, 45.0, progress=_Progress()
+        )
+        assert "--cond-map" in command and "--backend eager --precision bf16" in command
+        written = read_image(painted).array
+        cli_out = kit.cli_restore(command, photo, tmp_path / "m.png", cwd=Path(cond).parent)
+        np.testing.assert_array_equal(cli_out, written)
+        # Each generator prepared once, on the session's path: the start (alpha 1) and 0.4.
+        assert len(calls) == 2 and session.cached_alphas() == [1.0, 0.4]
+        assert (calls[1]["backend"], calls[1]["precision"]) == (Backend.EAGER, Precision.BF16)
+    finally:
+        studio.close()
+
+
+def test_auto_path_is_chosen_for_a_service_and_stated(ckpts, photo, tmp_path: Path) -> None:
+    session = ModelSession(ModelSpec(model=str(ckpts["single"])))
+    assert session.path == session.prepared(None).choice.spec  # tiny: eager fp32
+    studio = Studio(session)
+    try:
+        image = studio.load(str(photo))[0]
+        _, result, _, command, _ = studio.full(
+            image, 1.0, 9.0, None, None, None, 64, False, None, 0, 0, progress=_Progress()
+        )
+        path = session.path
+        assert f"--backend {path.backend.value} --precision {path.precision.value}" in command
+        written = read_image(result).array
+        np.testing.assert_array_equal(kit.cli_restore(command, photo, tmp_path / "o.png"), written)
     finally:
         studio.close()
 
