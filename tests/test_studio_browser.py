@@ -269,9 +269,15 @@ def test_alpha_ends_are_the_two_models(page, files, tmp_path, end: float, model:
 
 
 def test_painted_region(page, files, tmp_path) -> None:
+    joins: list[str] = []  # the events the page queues on the server
+    page.on("request", lambda r: joins.append(r.url) if "/queue/join" in r.url else None)
     page.click("#sample input")
     page.get_by_role("option", name="chelsea.png").click()
     _wait_preview(page, "Preview 256x256")
+    # One pick is one load and one preview. (The dropdown's `input` event fired twice per pick,
+    # and the second load rewrote the cached picture the first preview was reading: sometimes
+    # no preview came at all. The page listens to `select` instead; pipeline/studio/ui.py.)
+    assert len(joins) == 2, joins
     page.get_by_text("Per-region condition (beyond the paper)").click()
     page.click("#use-region input[type=checkbox]")
     assert _slide(page, "rnoise", 0.9) > 40 and _slide(page, "rblur", 0.5) > 1.5

@@ -160,6 +160,15 @@ class Studio:
         path = str(sample_photos()[name]) if name else None
         return self.load(path, name=path)
 
+    def load_selected(self, evt: gr.SelectData):
+        """:meth:`load_sample` for the dropdown's ``select`` event, which carries the option
+        picked. Not its ``input`` event: Gradio's dropdown sends that twice per pick (on the
+        option, then on the blur that closes the list), and the second load rewrites the
+        cached picture file that the first one's preview is reading (Gradio writes a cached
+        file in place, not atomically): that preview fails on a truncated file and, the
+        event being deduplicated, no preview comes at all."""
+        return self.load_sample(evt.value)
+
     def _noise_label(self, estimate: float | None = None) -> str:
         label = f"Noise to remove (std on 0..255, 0..{self.session.scale.noise_max:g})"
         return label if estimate is None else f"{label}, estimated {estimate:g}"
@@ -499,7 +508,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         upload.upload(studio.load, upload, loaded, **ui).then(
             studio.preview_after_load, [loaded_ok, *inputs], shown, **run
         )
-        sample.input(studio.load_sample, sample, loaded, **ui).then(
+        sample.select(studio.load_selected, None, loaded, **ui).then(
             studio.preview_after_load, [loaded_ok, *inputs], shown, **run
         )
         view.select(_point, image_state, [cx, cy], **ui).then(studio.preview, inputs, shown, **run)
