@@ -238,14 +238,13 @@ def run(run: PartRun) -> None:
 
 
 def _flipped(patch: Any, b: dict[str, np.ndarray], i: int) -> Any:
-    """A CHW patch flipped as the pipeline drew it (h flip, v flip, then transpose)."""
-    if b["hflip"][i]:
-        patch = patch.flip(-1)
-    if b["vflip"][i]:
-        patch = patch.flip(-2)
-    if b["transpose"][i]:
-        patch = patch.transpose(-1, -2)
-    return patch
+    """A CHW patch flipped as the pipeline drew it: the torch loader's own ``flip_patch``
+    with the DALI graph's drawn flips (the two loaders share the flip order)."""
+    from pipeline.data.torch_loader import PatchDraw, flip_patch
+
+    top, left = (int(v) for v in b["top_left"][i])
+    flips = (bool(b[k][i]) for k in ("hflip", "vflip", "transpose"))
+    return flip_patch(patch, PatchDraw(top, left, *flips))
 
 
 def _level_checks(run: PartRun, section: str, figures: dict[str, Any]) -> None:
