@@ -122,6 +122,19 @@ def _setup_worker_logging() -> None:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
+    _quiet_ray_train_reports()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.x logs every ``ray.train.report`` of every rank at INFO ("Reporting training
+    result N: TrainingReport(...)"), a line per rank per validation in the ``dvc repro`` log.
+    That logger is named by its file path (``logging.getLogger(__file__)``), so Ray's own
+    ``ray.train`` level filter misses it; its level is set here instead (warnings still pass)."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet, or not this way
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _cpu_budget() -> str:
