@@ -222,7 +222,8 @@ def open_loader(
     return endless(epoch), "CPU"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also what benchmarks/gpu_check.py builds its arguments with)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--shards", type=Path, help="existing shards directory")
@@ -254,14 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         "--encodings", default="raw,png", help="shard encodings for --images (raw, png)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return parser
 
-    if args.device == "gpu" and not torch.cuda.is_available():
-        raise SystemExit("--device gpu needs CUDA; run this on a GPU machine")
-    device = torch.device("cuda:0" if args.device == "gpu" else "cpu")
-    torch.set_num_threads(1)  # the main process only collects batches; workers do the work
-    params = parse_params(
+
+def loader_params(args: argparse.Namespace) -> Params:
+    """The params every loader of a run shares (crop, batch, threads, DALI device)."""
+    return parse_params(
         {
             "loader": {
                 "crop": args.crop,
@@ -272,6 +271,35 @@ def main(argv: list[str] | None = None) -> None:
             }
         }
     )
+
+
+def time_loaders(
+    opened: dict[str, tuple[Iterator, str]], args: argparse.Namespace, device: torch.device
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Warm every opened loader up (checking its batches), then time them in interleaved
+    rounds; returns each loader's per-round samples/s and their median."""
+    for label, (batches, _) in opened.items():  # start-up, first fills; a smoke test too
+        for _ in range(args.warmup):
+            check_batch(label, next(batches), args)
+    # Interleaved rounds: the machine's load drifts, so every loader samples every period.
+    rates: dict[str, list[float]] = {label: [] for label in opened}
+    for _ in range(args.rounds):
+        for label, (batches, _) in opened.items():
+            rates[label].append(
+                measure(batches, args.batch_size, device, args.seconds / args.rounds)
+            )
+    return rates, {label: float(np.median(r)) for label, r in rates.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.device == "gpu" and not torch.cuda.is_available():
+        raise SystemExit("--device gpu needs CUDA; run this on a GPU machine")
+    device = torch.device("cuda:0" if args.device == "gpu" else "cpu")
+    torch.set_num_threads(1)  # the main process only collects batches; workers do the work
+    params = loader_params(args)
     loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     unknown = set(loaders) - {"dali", "torch", "basicsr"}
     if unknown:
@@ -308,17 +336,7 @@ def main(argv: list[str] | None = None) -> None:
             label: open_loader(name, shard_dirs[enc], params, device, args)
             for label, name, enc in runs
         }
-        for label, (batches, _) in opened.items():  # start-up, first fills; a smoke test too
-            for _ in range(args.warmup):
-                check_batch(label, next(batches), args)
-        # Interleaved rounds: the machine's load drifts, so every loader samples every period.
-        rates: dict[str, list[float]] = {label: [] for label in opened}
-        for _ in range(args.rounds):
-            for label, (batches, _) in opened.items():
-                rates[label].append(
-                    measure(batches, args.batch_size, device, args.seconds / args.rounds)
-                )
-        median = {label: float(np.median(r)) for label, r in rates.items()}
+        rates, median = time_loaders(opened, args, device)
         auto = auto_choice(median, params, shard_dirs, device, Path(tmp))
 
     base = median.get("basicsr/png")

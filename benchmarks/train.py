@@ -59,7 +59,11 @@ log = logging.getLogger("benchmarks.train")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _params(args: argparse.Namespace, workers: int, cpus_per_worker: float, tmp: Path) -> Params:
+def bench_params(
+    args: argparse.Namespace, workers: int, cpus_per_worker: float, tmp: Path
+) -> Params:
+    """params.yaml made into this benchmark's run: random init, the arguments' batch, crop,
+    loader backend and iterations, no validation, a scratch MLflow store under ``tmp``."""
     raw = load_params(args.params).model_dump(mode="json")
     raw["base"]["pretrained"] = "random"
     raw["loader"].update(batch_size=args.batch, crop=args.crop, backend=args.backend)
@@ -89,29 +93,33 @@ def _params(args: argparse.Namespace, workers: int, cpus_per_worker: float, tmp:
     return parse_params(raw)
 
 
-def ceiling(args: argparse.Namespace, params: Params) -> float:
-    """Steps over pre-made batches: no loader, no logging."""
+def ceiling(args: argparse.Namespace, params: Params, device: torch.device | None = None) -> float:
+    """Steps over pre-made batches on ``device`` (default the CPU): no loader, no logging."""
+    device = torch.device("cpu") if device is None else device
     torch.set_num_threads(args.threads)
     sp = stage_params(params, args.stage)
-    g = build_generator(sp.generator, generator=torch.Generator().manual_seed(0))
+    g = build_generator(sp.generator, generator=torch.Generator().manual_seed(0)).to(device)
     opts = Optimizers(g=torch.optim.Adam(g.parameters(), 1e-4))
     nets = Nets(g=g)
     if sp.loss == "gan":
         d = build_discriminator(sp.discriminator, generator=torch.Generator().manual_seed(1))
+        d = d.to(device)
         nets = Nets(
             g=g,
             d=d,
-            perceptual=PerceptualLoss(sp.perceptual_layer, pretrained="random"),
+            perceptual=PerceptualLoss(sp.perceptual_layer, pretrained="random").to(device),
             gan_loss=GANLoss(sp.gan_type),
         )
         opts = Optimizers(g=opts.g, d=torch.optim.Adam(d.parameters(), 1e-4))
     n = args.warmup + args.iterations
-    data = synthetic_samples(args.batch * 4, args.crop, seed=0)
+    data = [t.to(device) for t in synthetic_samples(args.batch * 4, args.crop, seed=0)]
     batches = [
         Batch(*(t[(i % 4) * args.batch : (i % 4 + 1) * args.batch] for t in data)) for i in range(n)
     ]
     for i, batch in enumerate(batches, start=1):
         if i == args.warmup + 1:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the warm-up's queued kernels are not timed
             t0 = time.perf_counter()
         if sp.loss == "gan":
             out = gan_step(nets, opts, batch, i, sp.weights)
@@ -138,7 +146,10 @@ def _shards(args: argparse.Namespace) -> Path | None:
     return None if args.synthetic else Path(args.shards).resolve()
 
 
-def full_loop(args: argparse.Namespace, params: Params, tmp: Path) -> float:
+def full_loop(
+    args: argparse.Namespace, params: Params, tmp: Path, device: str | torch.device = "cpu"
+) -> float:
+    """``run_worker`` in this process on ``device``; the loop's samples/s after the warm-up."""
     from pipeline.tracking import RunLog, start_stage_run
 
     target = start_stage_run(params.tracking, stage=f"bench_{args.stage}", out_dir=tmp / "full")
@@ -149,7 +160,7 @@ def full_loop(args: argparse.Namespace, params: Params, tmp: Path) -> float:
         shards_dir=_shards(args),
         threads=args.threads,
     )
-    run_worker(config, LocalSession(tmp / "full-ckpt"), _hooks(args))
+    run_worker(config, LocalSession(tmp / "full-ckpt", device=device), _hooks(args))
     RunLog(target).finish()
     return _rates_from_mlflow(target, args.warmup)
 
@@ -168,7 +179,7 @@ def ray_run(
 
     cpus = args.threads / workers if cpus_per_worker is None else cpus_per_worker
     name = f"ray{workers}x{cpus:g}"
-    params = _params(args, workers, cpus, tmp / name)
+    params = bench_params(args, workers, cpus, tmp / name)
     t0 = time.perf_counter()
     result = run_stage(
         params,
@@ -182,7 +193,8 @@ def ray_run(
     return _rates_from_mlflow(result.tracking, args.warmup), wall
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also what benchmarks/gpu_check.py builds its arguments with)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=str(REPO / "params.yaml"))
     ap.add_argument("--shards", default=str(REPO / "data" / "shards"))
@@ -206,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="ceiling/full alternations")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray runs")
     ap.add_argument("--json", default=None, help="also write the results here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.batch % 2:
@@ -216,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         # ceiling and full loop alternate, so that a change in the machine's load hits both
         pairs = []
         for r in range(args.repeats):
-            params = _params(args, 1, args.threads, tmp / f"rep{r}")
+            params = bench_params(args, 1, args.threads, tmp / f"rep{r}")
             pairs.append((ceiling(args, params), full_loop(args, params, tmp / f"rep{r}")))
         rows: dict[str, float] = {
             "ceiling": statistics.median(c for c, _ in pairs),

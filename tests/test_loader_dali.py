@@ -300,3 +300,14 @@ def test_close_then_iterate_continues(shards):
     loader.close()
     got += [b.clean for b in loader]
     assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_fixed_levels_draw_one_setting_for_every_sample(shards):
+    """A fixed-degradation baseline: the graph's levels are the stage's (r, sigma) for every
+    sample, z is its constant condition, and the degradation still runs on the windows."""
+    loader = DaliTrainLoader(read_shard_set(shards), params(), debug=True, fixed_levels=(2.0, 30.0))
+    for _, out in zip(range(3), loader.iter_outputs(), strict=False):
+        assert torch.all(out["blur"] == 2.0) and torch.all(out["noise"] == 30.0)
+        assert torch.allclose(out["z"], torch.tensor([[0.5, 0.6]]).expand(4, 2))
+        assert not torch.equal(out["degraded"], out["clean"])
+    assert loader.state_dict()["fixed_levels"] == [2.0, 30.0]

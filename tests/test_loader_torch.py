@@ -222,3 +222,33 @@ def test_stopping_after_the_last_batch_does_not_yield_an_empty_epoch(shards):
     got += [b.degraded for b in loader]
     assert loader.epoch == 2 and len(got) == 8
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_fixed_levels_degrade_every_window_at_one_setting(shards):
+    """A fixed-degradation baseline's batches: the reference pipeline with every sample at the
+    stage's (r, sigma) -- on its context window, like any drawn level -- and a constant z."""
+    loader = build_train_loader(shards, params(), seed=9, fixed_levels=(2.0, 30.0))
+    loader.num_workers = 0
+    table = read_sample_table(read_shard_set(shards))
+    got = list(loader)[2]
+    ids = epoch_order(len(table), 9, 0)[4:6].tolist()
+    gen = batch_generator(9, 0, 0, 2)
+    files: dict[int, int] = {}
+    windows, draws = [], []
+    for i in ids:
+        image = decode_rgb(table.read(i, files)).float() / 255
+        draw = draw_patch(SIZE, SIZE, CROP, gen)
+        win = context_window(SIZE, SIZE, draw.top, draw.left, CROP, 10)
+        part = image[:, win.y0 : win.y1, win.x0 : win.x1]
+        windows.append(torch.nn.functional.pad(part[None], win.pad, mode="replicate")[0])
+        draws.append(draw)
+    blur, noise = torch.full((2,), 2.0), torch.full((2,), 30.0)
+    degraded, clean = degrade_patches(torch.stack(windows), draws, blur, noise, gen, 21)
+    assert torch.equal(got.clean, clean) and torch.equal(got.degraded, degraded)
+    assert torch.equal(got.z, torch.tensor([[0.5, 0.6]]).expand(2, 2))
+    # a position saved under fixed levels does not resume a loader that draws levels
+    state = loader.state_dict()
+    assert state["fixed_levels"] == [2.0, 30.0]
+    drawing = loader_for(shards, seed=9)
+    drawing.load_state_dict(state)
+    assert drawing.state_dict()["batch"] == 0

@@ -12,6 +12,7 @@ from pipeline.config import parse_params
 from pipeline.tracking import TrackingTarget
 from pipeline.train.loop import run_worker
 from pipeline.train.session import LocalSession
+from pipeline.train.setup import TrainLoopError
 from pipeline.train.state import TrainStateError, load_train_state, tree_from_json, tree_to_json
 from pipeline.train.testing import SyntheticData, TestHooks
 from pipeline.train.worker_config import WorkerConfig
@@ -162,22 +163,36 @@ def test_optimizer_state_lands_on_the_gpu_after_resume(tmp_path):
 
 
 def test_fixed_degradation_baseline_trains_on_one_setting(tmp_path):
-    """The Unet/UGAN baselines: the same loop, every batch re-degraded at one (r, sigma)."""
-    from pipeline.data.batch import Batch
-    from pipeline.degradation import degrade
-    from pipeline.train.setup import FixedDegradation
-    from pipeline.train.tensors import synthetic_samples
+    """The Unet/UGAN baselines: the same loop; the loader degrades every sample's context window
+    at the stage's one (r, sigma) (tests/test_loader_torch.py pins the batches exactly)."""
+    from tests.test_loader_torch import make_shards
 
-    params = parse_params({"train_cunet": {"fixed_degradation": [2, 30]}})
-    fixed = FixedDegradation((2.0, 30.0), params, seed=5, device=torch.device("cpu"))
-    degraded, clean, z = synthetic_samples(3, 32, seed=1)
-    out = fixed(Batch(degraded, clean, z))
-    expected = degrade(clean, [2.0] * 3, [30.0] * 3, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(out.degraded, expected) and torch.equal(out.clean, clean)
-    assert torch.equal(out.z, torch.tensor([[0.5, 0.6]]).expand(3, 2))
-
-    config = _config(tmp_path, iterations=3, fixed_degradation=[2, 30])
+    make_shards(tmp_path / "shards", 8)
+    base = _config(tmp_path, iterations=3, fixed_degradation=[2, 30])
+    params = base.params.model_copy(
+        update={
+            "loader": base.params.loader.model_copy(
+                update={"backend": "torch", "crop": 16, "num_threads": 1, "batch_size": 2}
+            )
+        }
+    )
+    config = WorkerConfig(
+        params=params,
+        stage="cunet",
+        tracking=base.tracking,
+        threads=1,
+        shards_dir=str(tmp_path / "shards"),
+    )
     session = LocalSession(tmp_path / "run")
-    assert run_worker(config, session, HOOKS)["iteration"] == 3
-    # its generator state is part of the checkpoint, so a resumed baseline draws the same noise
-    assert "fixed_degradation" in load_train_state(session.latest()).rng[0]
+    assert run_worker(config, session)["iteration"] == 3
+    # the loader's position (and with it the noise of every later batch, a function of the
+    # batch's own seed) is part of the checkpoint, so a resumed baseline draws the same noise
+    saved = load_train_state(session.latest()).loaders[0]
+    assert saved["fixed_levels"] == [2.0, 30.0] and saved["epoch"] * 4 + saved["batch"] == 3
+    # synthetic test data comes degraded already: a baseline refuses it instead of ignoring it
+    with pytest.raises(TrainLoopError, match="fixed_degradation needs shards"):
+        run_worker(
+            _config(tmp_path / "s", iterations=3, fixed_degradation=[2, 30]),
+            LocalSession(tmp_path / "s" / "run"),
+            HOOKS,
+        )

@@ -10,7 +10,6 @@ share (``--tracking-uri``, ``--params``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -75,13 +74,13 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.tracking.store import quiet_client_chatter
     from pipeline.tracking.sync import sync_run
     from pipeline.train.pyfunc import log_saved_model
 
     # MLflow's own chatter (a link per run it ends, a progress bar per download) would bury
     # the one summary line per RUN_DIR this command prints.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_client_chatter()
     params = store_params(args)
     for run_dir in args.run_dirs:
         report = sync_run(

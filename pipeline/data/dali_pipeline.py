@@ -448,6 +448,7 @@ class DaliTrainLoader:
         seed: int = 0,
         device: torch.device = _CPU,
         debug: bool = False,
+        fixed_levels: tuple[float, float] | None = None,
     ) -> None:
         cfg, deg = params.loader, params.degradation
         # z is computed in the graph (step 7) from the one scale of pipeline.condition
@@ -467,6 +468,7 @@ class DaliTrainLoader:
             # ... and only a graph of the same operators (raw/png reading, level sampling)
             "encoding": shards.encoding,
             "sampling": deg.sampling,
+            "fixed_levels": list(fixed_levels) if fixed_levels is not None else None,
         }
         self._len = batches_per_epoch(shards.num_samples, world_size, cfg.batch_size)
         self._pipeline_args = {
@@ -476,9 +478,19 @@ class DaliTrainLoader:
             "sub_size": shards.crop_size,
             "batch_size": cfg.batch_size,
             "crop": cfg.crop,
-            "sampling": deg.sampling,
-            "blur_values": level_grid(deg.blur_max, deg.blur_step),
-            "noise_values": level_grid(deg.noise_max, deg.noise_step),
+            # A fixed-degradation baseline (Unet/UGAN) draws from one-point "grids": every sample
+            # at its (r, sigma), degraded on its context window like any other.
+            "sampling": deg.sampling if fixed_levels is None else "uniform",
+            "blur_values": (
+                level_grid(deg.blur_max, deg.blur_step)
+                if fixed_levels is None
+                else [float(fixed_levels[0])]
+            ),
+            "noise_values": (
+                level_grid(deg.noise_max, deg.noise_step)
+                if fixed_levels is None
+                else [float(fixed_levels[1])]
+            ),
             "blur_max": scale.blur_max,
             "noise_max": scale.noise_max,
             "kernel_size": deg.kernel_size,

@@ -49,6 +49,7 @@ def build_train_loader(
     world_size: int = 1,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    fixed_levels: tuple[float, float] | None = None,
 ) -> TrainLoader:
     """The training loader for one rank, as ``params.loader`` describes it.
 
@@ -60,6 +61,9 @@ def build_train_loader(
         device: where batches are delivered (``"cpu"``, ``"cuda:1"``, ``"auto"``). Under Ray
             pass ``ray.train.torch.get_device()``: Ray remaps CUDA_VISIBLE_DEVICES per worker.
             With ``loader.device: auto`` the DALI pipeline runs on this GPU when it is CUDA.
+        fixed_levels: ``(r, sigma)`` for every sample instead of ``degradation.sampling`` (the
+            fixed-degradation baselines, ``train_<stage>.fixed_degradation``); the samples are
+            degraded on their context windows all the same.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise LoaderError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -88,10 +92,22 @@ def build_train_loader(
             from pipeline.data.dali_pipeline import DaliTrainLoader
 
             return DaliTrainLoader(
-                shards, params, rank=rank, world_size=world_size, seed=seed, device=target
+                shards,
+                params,
+                rank=rank,
+                world_size=world_size,
+                seed=seed,
+                device=target,
+                fixed_levels=fixed_levels,
             )
         return TorchTrainLoader(
-            shards, params, rank=rank, world_size=world_size, seed=seed, device=target
+            shards,
+            params,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            device=target,
+            fixed_levels=fixed_levels,
         )
 
     return build(choose_backend(params, shards, target, build).name)

@@ -326,8 +326,10 @@ class _EpochBatches(Dataset):
         batch_size: int,
         crop: int,
         degradation: DegradationParams,
+        fixed_levels: tuple[float, float] | None = None,
     ) -> None:
         self.table = table
+        self.fixed_levels = fixed_levels
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_size, self.crop, self.degradation = batch_size, crop, degradation
         self.begin, self.end = shard_range(len(table), rank, world_size)
@@ -370,7 +372,11 @@ class _EpochBatches(Dataset):
         pairs = [self.window(i, gen) for i in self.sample_ids(epoch, batch)]
         windows, draws = [w for w, _ in pairs], [d for _, d in pairs]
         deg = self.degradation
-        blur, noise = sample_levels(len(draws), gen, deg)
+        if self.fixed_levels is None:
+            blur, noise = sample_levels(len(draws), gen, deg)
+        else:  # a fixed-degradation baseline (Unet/UGAN): every sample at one (r, sigma)
+            blur = torch.full((len(draws),), self.fixed_levels[0], dtype=torch.float32)
+            noise = torch.full((len(draws),), self.fixed_levels[1], dtype=torch.float32)
         degraded, clean = degrade_patches(
             torch.stack(windows), draws, blur, noise, gen, deg.kernel_size
         )
@@ -414,6 +420,7 @@ class TorchTrainLoader:
         seed: int = 0,
         device: torch.device = _CPU,
         num_workers: int | None = None,
+        fixed_levels: tuple[float, float] | None = None,
     ) -> None:
         cfg = params.loader
         self.batch_size = cfg.batch_size
@@ -426,6 +433,7 @@ class TorchTrainLoader:
             batch_size=cfg.batch_size,
             crop=cfg.crop,
             degradation=params.degradation,
+            fixed_levels=fixed_levels,
         )
         self.num_workers = cfg.num_threads if num_workers is None else num_workers
         self.prefetch = cfg.prefetch
@@ -435,6 +443,7 @@ class TorchTrainLoader:
             "seed": seed,
             "num_samples": len(self.dataset.table),
             "batch_size": cfg.batch_size,
+            "fixed_levels": list(fixed_levels) if fixed_levels is not None else None,
         }
         self._len = batches_per_epoch(len(self.dataset.table), world_size, cfg.batch_size)
         self._epoch = 0

@@ -420,7 +420,7 @@ def bf16_verdict(model: Generator, device: torch.device, spec: PathSpec) -> tupl
             worst, share = max(worst, d), max(share, s)
     ok = BF16_TOLERANCE.accepts(worst, share)
     text = (
-        f"{spec.name} vs fp32 on these weights: max |diff| {worst} level(s), "
+        f"vs fp32 on these weights: max |diff| {worst} level(s), "
         f"{100 * share:.3g} % of values differ ({'within' if ok else 'outside'} "
         f"{BF16_TOLERANCE.describe()})"
     )

@@ -62,6 +62,12 @@ def _example(model: Generator, device: torch.device):
     return x, z
 
 
+# (path, device) pairs whose choice was logged at INFO: an evaluation or a figure grid prepares
+# many generators (every alpha blend is one) and each would repeat the same line; the first
+# time a process runs a path is news, the rest is at DEBUG.
+_LOGGED: set[tuple[str, str]] = set()
+
+
 def prepare_model(
     model: Generator,
     *,
@@ -76,7 +82,8 @@ def prepare_model(
 
     ``backend`` / ``precision``: ``auto`` or a requested one. ``workload``: how many images of
     what size the caller expects (decides whether a setup cost is worth paying).
-    The choice is logged at INFO (DEBUG with ``quiet``).
+    The choice is logged at INFO the first time this process runs that path on that device
+    (DEBUG after that, and with ``quiet``).
     """
     dev = resolve_device(device)
     model.to(dev).eval()
@@ -90,8 +97,10 @@ def prepare_model(
         spec = PathSpec(Backend.EAGER)
         choice = PathChoice(spec, f"{choice.spec.name} failed to build: {err}")
         path = build_path(model, spec, dev)
+    first = (choice.spec.name, str(dev)) not in _LOGGED
+    _LOGGED.add((choice.spec.name, str(dev)))
     log.log(
-        logging.DEBUG if quiet else logging.INFO,
+        logging.INFO if first and not quiet else logging.DEBUG,
         "inference path %s on %s: %s",
         choice.spec.name,
         dev,

@@ -45,6 +45,7 @@ __all__ = [
     "is_http",
     "limit_http_retries",
     "probe_server",
+    "quiet_client_chatter",
     "quiet_retry_warnings",
     "resolve_tracking_uri",
     "send_batch",
@@ -88,7 +89,19 @@ def resolve_tracking_uri(params: TrackingParams, cwd: str | os.PathLike[str] | N
 def tracking_client(uri: str | None) -> MlflowClient:
     """The client of one store. Always with an explicit URI: ``mlflow.set_tracking_uri`` would
     export MLFLOW_TRACKING_URI to every later subprocess (Ray workers included)."""
+    quiet_client_chatter()
     return MlflowClient(tracking_uri=uri)
+
+
+def quiet_client_chatter() -> None:
+    """Keep MLflow's client chatter out of the logs people read (the ``dvc repro`` log): a
+    progress bar per artifact download, a run link printed to stdout per run it ends, INFO
+    lines such as "Validating input example against model signature". Only defaults: the
+    environment variables a person set (``MLFLOW_LOGGING_LEVEL`` among them) win."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # MLflow's own setting (it imports at INFO)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def _is_local(uri: str) -> bool:

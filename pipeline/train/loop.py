@@ -9,7 +9,7 @@ without Ray. The modules below it, in the order a worker uses them:
 * :mod:`~pipeline.train.worker_config` -- the typed, versioned :class:`WorkerConfig` (what the
   driver tells every worker; what each checkpoint records);
 * :mod:`~pipeline.train.session` -- Ray or in-process: rank, device, DDP wrap, report, resume;
-* :mod:`~pipeline.train.setup` -- networks, weights, optimisers, loader, fixed degradation;
+* :mod:`~pipeline.train.setup` -- networks, weights, optimisers, loader;
 * :mod:`~pipeline.train.testing` -- the test seam (:class:`TestHooks`: fault injection,
   synthetic data), consulted only when a caller passes one.
 
@@ -59,7 +59,7 @@ from pipeline.data.batch import Batch, TrainLoader
 from pipeline.tracking import RunLog
 from pipeline.train.schedules import lr_at
 from pipeline.train.session import RaySession, Session
-from pipeline.train.setup import FixedDegradation, TrainLoopError, WorkerSetup, set_up_worker
+from pipeline.train.setup import TrainLoopError, WorkerSetup, set_up_worker
 from pipeline.train.state import capture_rng, save_train_state
 from pipeline.train.steps import gan_step, mse_step, unwrap
 from pipeline.train.testing import TestHooks
@@ -122,6 +122,19 @@ def _setup_worker_logging() -> None:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
+    _quiet_ray_train_reports()
+
+
+def _quiet_ray_train_reports() -> None:
+    """Ray Train 2.x logs every ``ray.train.report`` of every rank at INFO ("Reporting training
+    result N: TrainingReport(...)"), a line per rank per validation in the ``dvc repro`` log.
+    That logger is named by its file path (``logging.getLogger(__file__)``), so Ray's own
+    ``ray.train`` level filter misses it; its level is set here instead (warnings still pass)."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: nothing to quiet, or not this way
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _cpu_budget() -> str:
@@ -224,7 +237,6 @@ class _Run:
         self.params, self.stage = config.params, config.stage_section
         self.stage_name, self.tag = config.stage, config.tag
         self.nets, self.opts, self.loader = setup.nets, setup.opts, setup.loader
-        self.fixed: FixedDegradation | None = setup.fixed
         self.start = setup.start
         self.fault = hooks.fault if hooks is not None else None
         self.total = self.stage.iterations
@@ -284,8 +296,6 @@ class _Run:
 
     def _step(self, it: int, batch: Batch) -> None:
         stage, opts = self.stage, self.opts
-        if self.fixed is not None:
-            batch = self.fixed(batch)
         lrs = {"lr/g": lr_at(it, stage.optimizer_g.lr, stage.schedule)}
         if opts.d is not None:
             lrs["lr/d"] = lr_at(it, stage.optimizer_d.lr, stage.schedule)
@@ -366,8 +376,6 @@ class _Run:
         session, nets = self.session, self.nets
         with self.meter.paused():
             rng = capture_rng(self.device)
-            if self.fixed is not None:
-                rng["fixed_degradation"] = self.fixed.generator.get_state()
             g, d = unwrap(nets.g), unwrap(nets.d) if nets.d is not None else None
             rngs = session.all_gather(rng)
             loaders = session.all_gather(self.loader.state_dict())

@@ -1,4 +1,4 @@
-"""Setting up one training worker: networks, weights, optimisers, loader, fixed degradation.
+"""Setting up one training worker: networks, weights, optimisers and the loader.
 
 Everything here runs once per worker start (a fresh start or a resume after a failure), before
 the first iteration; :func:`set_up_worker` composes it into a :class:`WorkerSetup` that the
@@ -10,8 +10,8 @@ resumed (else G from ``init_dir``), under DDP their BatchNorm layers become sync
 (:mod:`pipeline.train.sync_norm`: statistics of the global batch, so that the GAN stage does
 not depend on the number of workers), modules move to the worker's device, THEN optimisers are
 built and their saved state loaded (``Optimizer.load_state_dict`` casts the moments to each
-parameter's device), and last the loader, RNG and fixed-degradation streams are put back at
-the checkpoint's position -- only when the checkpoint was written by the same number of
+parameter's device), and last the loader and RNG streams are put back at the checkpoint's
+position -- only when the checkpoint was written by the same number of
 workers; otherwise they restart from their seeds with a warning.
 """
 
@@ -27,11 +27,9 @@ from torch import nn
 
 from models.registry import build_discriminator, build_generator
 from pipeline.checkpoint import load_generator
-from pipeline.condition import ConditionScale
 from pipeline.config import Params, TrainStageParams
-from pipeline.data.batch import Batch, TrainLoader
+from pipeline.data.batch import TrainLoader
 from pipeline.data.loader import build_train_loader
-from pipeline.degradation import degrade
 from pipeline.train.losses import GANLoss, PerceptualLoss
 from pipeline.train.session import Session
 from pipeline.train.state import TrainState, load_train_state, restore_rng
@@ -41,7 +39,6 @@ from pipeline.train.testing import TestHooks
 from pipeline.train.worker_config import WorkerConfig
 
 __all__ = [
-    "FixedDegradation",
     "TrainLoopError",
     "WorkerSetup",
     "build_loader",
@@ -162,6 +159,11 @@ def build_loader(
             "not both or neither"
         )
     if synthetic is not None:
+        if config.stage_section.fixed_degradation is not None:
+            raise TrainLoopError(
+                f"{config.tag}: fixed_degradation needs shards (the loader degrades each "
+                "sample at the fixed levels); synthetic test data comes degraded already"
+            )
         return synthetic.loader(
             crop=params.loader.crop,
             batch_size=per_worker,
@@ -184,6 +186,7 @@ def build_loader(
             )
         }
     )
+    fixed = config.stage_section.fixed_degradation
     return build_train_loader(
         config.shards_dir,
         local,
@@ -191,32 +194,10 @@ def build_loader(
         world_size=world_size,
         seed=params.base.seed,
         device=device,
+        # a fixed-degradation baseline (Unet/UGAN): the loader degrades every context window at
+        # the stage's (r, sigma), exactly as it degrades the others' drawn levels
+        fixed_levels=tuple(map(float, fixed)) if fixed is not None else None,
     )
-
-
-class FixedDegradation:
-    """Re-degrades each clean batch at one ``(r, sigma)`` (Unet/UGAN baselines), with its own
-    generator (saved with the RNG states, so a resumed baseline draws the same noise)."""
-
-    def __init__(
-        self, levels: tuple[float, float], params: Params, seed: int, device: torch.device
-    ) -> None:
-        self.levels = levels
-        self.kernel_size = params.degradation.kernel_size
-        scale = ConditionScale.from_params(params.degradation)
-        self.z = scale.to_z(levels[0], levels[1]).to(device)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def __call__(self, batch: Batch) -> Batch:
-        n = batch.clean.shape[0]
-        degraded = degrade(
-            batch.clean,
-            [self.levels[0]] * n,
-            [self.levels[1]] * n,
-            generator=self.generator,
-            kernel_size=self.kernel_size,
-        )
-        return Batch(degraded.to(batch.clean.dtype), batch.clean, self.z.expand(n, -1))
 
 
 @dataclass
@@ -226,14 +207,12 @@ class WorkerSetup:
     nets: Nets
     opts: Optimizers
     loader: TrainLoader
-    fixed: FixedDegradation | None
     start: int
 
 
 def _restore_streams(
     state: TrainState,
     loader: TrainLoader,
-    fixed: FixedDegradation | None,
     session: Session,
     tag: str,
 ) -> None:
@@ -242,8 +221,6 @@ def _restore_streams(
     if state.world_size == world and state.loaders[rank] is not None:
         loader.load_state_dict(state.loaders[rank])
         restore_rng(state.rng[rank], session.device)
-        if fixed is not None and "fixed_degradation" in state.rng[rank]:
-            fixed.generator.set_state(state.rng[rank]["fixed_degradation"])
     elif rank == 0:
         log.warning(
             "%s: checkpoint was written by %d workers, this run has %d: loaders "
@@ -288,11 +265,6 @@ def set_up_worker(
         gan_loss=GANLoss(stage.gan_type) if d is not None else None,
     )
     loader = build_loader(config, hooks, rank=rank, world_size=world, device=device)
-    fixed = None
-    if stage.fixed_degradation is not None:
-        fixed = FixedDegradation(
-            tuple(stage.fixed_degradation), params, params.base.seed * 1000 + rank, device
-        )
     if state is not None:
-        _restore_streams(state, loader, fixed, session, config.tag)
-    return WorkerSetup(nets=nets, opts=opts, loader=loader, fixed=fixed, start=start)
+        _restore_streams(state, loader, session, config.tag)
+    return WorkerSetup(nets=nets, opts=opts, loader=loader, start=start)
