@@ -103,7 +103,9 @@ def test_bf16_paths_run_and_are_judged_by_the_tolerance() -> None:
         assert out.dtype == torch.float32 and out.shape == ref.shape
         assert 0 < float((out - ref).abs().max()) < 0.5  # bf16 rounds, visibly but boundedly
         ok, text = choice_mod.bf16_verdict(model, CPU, PathSpec.from_name(name))
-        assert text.startswith("vs fp32 on these weights") and ("within" if ok else "outside") in text
+        assert (
+            text.startswith("vs fp32 on these weights") and ("within" if ok else "outside") in text
+        )
 
 
 def test_tolerance_rule() -> None:
