@@ -247,6 +247,10 @@ def _compiled(model: Generator, device: torch.device, probe: tuple[Tensor, Tenso
 
     if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
         raise PathUnavailable("torch.compile needs a C++ compiler on the CPU (none on PATH)")
+    if device.type == "cpu":
+        # inductor's C++ build looks for a CUDA toolkit and warns "No CUDA runtime is found"
+        # wherever one is installed without a GPU: nothing a CPU compile needs or can act on
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     module = copy.deepcopy(model).eval()
     compiled = torch.compile(module, options={"freezing": True})
     with torch.inference_mode():
