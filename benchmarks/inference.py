@@ -156,6 +156,7 @@ def run_benchmark(
         r = results[exact_choice.spec.name]
         summary = dict(
             summary or {},
+            fastest_exact=fastest,
             default_fp32=exact_choice.spec.name,
             default_fp32_over_fastest_exact=r["ms"] / results[fastest]["ms"],
             default_fp32_x_eager=r["x_eager"],
@@ -217,7 +218,7 @@ def format_table(report: dict) -> str:
         lines.append("  ".join(cells))
     lines.append(f"default: {report['default']} -- {report['default_reason']}")
     s = report["summary"]
-    if s:
+    if s and "default_over_fastest_exact" in s:  # the default is among the measured paths
         lines.append(
             f"default / fastest exact ({s['fastest_exact']}) = "
             f"{s['default_over_fastest_exact']:.2f} in time; default = {s['default_x_eager']:.2f}x "

@@ -190,7 +190,8 @@ def test_one_shot_does_not_pay_a_setup_it_cannot_recover(monkeypatch, demo, prob
     _flags(monkeypatch, ["avx512f"])
     # one probe-sized image: onnx saves 50 ms but costs 2 s of export -> channels_last
     assert (
-        choose_path(demo, CPU, workload=Workload.one_shot(128 * 128)).spec.name == "channels_last"
+        choose_path(demo, CPU, workload=Workload.one_shot(choice_mod.PROBE_SIZE**2)).spec.name
+        == "channels_last"
     )
     # a long-lived consumer with many images: compile's minute is worth it
     assert choose_path(demo, CPU, workload=Workload(100_000, 512 * 512)).spec.name == "compile"

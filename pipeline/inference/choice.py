@@ -25,9 +25,9 @@ decides per machine, in this order:
    quantisation boundary, by 1 level (tests/test_inference_paths.py bounds how often). A fp32
    path with a larger difference on the probe is dropped. bf16 is kept only if it would be
    chosen on speed AND, on THIS model's weights (a trained checkpoint, not random ones), its
-   8-bit output on the probe image at two conditions is within :data:`BF16_TOLERANCE` of
-   eager fp32's: max |diff| <= 1 level and at most 0.1 % of the values differing. The verdict
-   is cached per weights digest.
+   8-bit output on a probe image of :data:`VERDICT_SIZE` px at two conditions is within
+   :data:`BF16_TOLERANCE` of eager fp32's: max |diff| <= 1 level and at most 0.1 % of the
+   values differing. The verdict is cached per weights digest.
 5. **Cost.** Each remaining path costs ``setup + images x time per image`` for the caller's
    :class:`Workload` (time scaled from the probe by pixel count); the cheapest wins. So a
    one-shot call of one image does not pay an ONNX export that only many images recover.
@@ -78,8 +78,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-PROBE_SIZE = 128
+#: The timing probe's side. 128 px was too small to rank the paths: there per-call overheads
+#: hide what a path saves on real images (measured, authors G, 2-core Xeon: eager, channels_last
+#: and onnx within 4 % of each other at 128 px, 1.00 / 1.35 / 1.78x at 512 px; 1.31 / 1.42x
+#: at 256 px already orders them as at 512).
+PROBE_SIZE = 256
 PROBE_ROUNDS = 3
+#: The bf16 verdict's image side: a property of the weights (how often bf16 rounding crosses
+#: an 8-bit boundary), not of the speed, so the smaller image answers it at a quarter the cost.
+VERDICT_SIZE = 128
 #: Smaller models run eager without a probe: a faster path cannot save what the probe costs.
 MIN_PARAMETERS = 100_000
 #: ``compile`` is a candidate only for workloads of at least this many images.
@@ -291,8 +298,8 @@ def probe_image(size: int = PROBE_SIZE) -> np.ndarray:
     return (np.clip(noisy, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def _probe_inputs(model: Generator, device: torch.device):
-    size = round_up(PROBE_SIZE, model.size_multiple)
+def _probe_inputs(model: Generator, device: torch.device, side: int = PROBE_SIZE):
+    size = round_up(side, model.size_multiple)
     x = pad_to_multiple(to_tensor(probe_image(size)), model.size_multiple)
     zs = [torch.tensor([z], dtype=torch.float32) for z in PROBE_Z]
     return x, (zs if model.config.conditional else [None])
@@ -408,7 +415,7 @@ def bf16_verdict(model: Generator, device: torch.device, spec: PathSpec) -> tupl
     key = f"{_weights_digest(model)}:{_key_id(machine_key(model, device))}:{spec.name}"
     if key in _BF16_VERDICTS:
         return _BF16_VERDICTS[key]
-    x, zs = _probe_inputs(model, device)
+    x, zs = _probe_inputs(model, device, VERDICT_SIZE)
     eager = build_path(model, PathSpec(Backend.EAGER), device)
     candidate = build_path(model, spec, device)
     worst, share = 0, 0.0
