@@ -69,6 +69,13 @@ def test_ray_workers_run_at_normal_priority(monkeypatch) -> None:
     assert trainer_mod._worker_env()["RAY_worker_niceness"] == "5"
 
 
+def test_ray_workers_openmp_threads_sleep_when_idle(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert trainer_mod._worker_env()["OMP_WAIT_POLICY"] == "PASSIVE"  # no spinning
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # an operator's choice wins
+    assert trainer_mod._worker_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_the_worker_says_what_it_computes_with(tmp_path, caplog) -> None:
     config = _config(tmp_path, threads=1)
     config = WorkerConfig(params=config.params, stage="cunet", tracking=config.tracking, threads=1)
