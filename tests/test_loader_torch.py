@@ -80,14 +80,9 @@ def test_batches_have_the_documented_form(shards):
         assert batch.z.min() >= 0 and batch.z.max() <= 1
 
 
-def test_batch_is_exactly_the_reference_pipeline(shards):
-    """Rebuild batch (epoch 1, batch 2) of rank 0 from the public pieces: bit-identical."""
-    loader = loader_for(shards, seed=9)
-    table = read_sample_table(read_shard_set(shards))
-    list(loader)  # epoch 0
-    got = list(loader)[2]
-    ids = epoch_order(len(table), 9, 1)[4:6].tolist()
-    gen = batch_generator(9, 0, 1, 2)
+def _context_windows(table, ids, gen):
+    """The loader's patches rebuilt from the public pieces: each sample's drawn patch with its
+    blur margin (10 px, replicate-padded at the image border), and the draws."""
     files: dict[int, int] = {}
     windows, draws = [], []
     for i in ids:
@@ -97,8 +92,20 @@ def test_batch_is_exactly_the_reference_pipeline(shards):
         part = image[:, win.y0 : win.y1, win.x0 : win.x1]
         windows.append(torch.nn.functional.pad(part[None], win.pad, mode="replicate")[0])
         draws.append(draw)
+    return torch.stack(windows), draws
+
+
+def test_batch_is_exactly_the_reference_pipeline(shards):
+    """Rebuild batch (epoch 1, batch 2) of rank 0 from the public pieces: bit-identical."""
+    loader = loader_for(shards, seed=9)
+    table = read_sample_table(read_shard_set(shards))
+    list(loader)  # epoch 0
+    got = list(loader)[2]
+    ids = epoch_order(len(table), 9, 1)[4:6].tolist()
+    gen = batch_generator(9, 0, 1, 2)
+    windows, draws = _context_windows(table, ids, gen)
     blur, noise = sample_levels(2, gen, params().degradation)
-    degraded, clean = degrade_patches(torch.stack(windows), draws, blur, noise, gen, 21)
+    degraded, clean = degrade_patches(windows, draws, blur, noise, gen, 21)
     assert torch.equal(got.clean, clean)
     assert torch.equal(got.degraded, degraded)
     assert torch.equal(got.z, DEFAULT_SCALE.to_z(blur, noise))
@@ -233,17 +240,9 @@ def test_fixed_levels_degrade_every_window_at_one_setting(shards):
     got = list(loader)[2]
     ids = epoch_order(len(table), 9, 0)[4:6].tolist()
     gen = batch_generator(9, 0, 0, 2)
-    files: dict[int, int] = {}
-    windows, draws = [], []
-    for i in ids:
-        image = decode_rgb(table.read(i, files)).float() / 255
-        draw = draw_patch(SIZE, SIZE, CROP, gen)
-        win = context_window(SIZE, SIZE, draw.top, draw.left, CROP, 10)
-        part = image[:, win.y0 : win.y1, win.x0 : win.x1]
-        windows.append(torch.nn.functional.pad(part[None], win.pad, mode="replicate")[0])
-        draws.append(draw)
+    windows, draws = _context_windows(table, ids, gen)
     blur, noise = torch.full((2,), 2.0), torch.full((2,), 30.0)
-    degraded, clean = degrade_patches(torch.stack(windows), draws, blur, noise, gen, 21)
+    degraded, clean = degrade_patches(windows, draws, blur, noise, gen, 21)
     assert torch.equal(got.clean, clean) and torch.equal(got.degraded, degraded)
     assert torch.equal(got.z, torch.tensor([[0.5, 0.6]]).expand(2, 2))
     # a position saved under fixed levels does not resume a loader that draws levels
