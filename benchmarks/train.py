@@ -21,7 +21,10 @@ seam, :class:`pipeline.train.testing.TestHooks`): the loop without the loader, a
 that needs no data stages.
 
 ``full / ceiling`` is the share of compute time the loop keeps, ``ray-1 / ceiling`` the share
-through Ray; ``ray-2 / ray-1x1`` the true scaling (``ray-2 / ray-1`` compares equal CPUs).
+through Ray; ``ray-2 / ray-1x1`` the true scaling (``ray-2 / ray-1`` compares equal CPUs). Each
+of ``--repeats`` repeats runs the whole sequence (ceiling, full, ray-1, ray-2, ray-1x1), and a
+ratio is the median over repeats of the two runs of one repeat: a short run on a shared machine
+varies by +-10 %, and a pair measured minutes apart more than that.
 Rates exclude the first ``--warmup`` iterations (pipeline start-up, first epoch) and time
 spent validating and checkpointing (the loop measures its windows that way); Ray's start-up
 (worker processes, process group) is reported separately as wall time. Numbers are comparable
@@ -193,6 +196,22 @@ def ray_run(
     return _rates_from_mlflow(result.tracking, args.warmup), wall
 
 
+def _ray_configs(args: argparse.Namespace) -> list[tuple[str, int, float]]:
+    """(name, workers, CPUs per worker) of the Ray runs: all CPUs in 1 and in 2 workers, and
+    1 worker with half of them (the reference for 2 workers' scaling)."""
+    configs = [("ray-1", 1, float(args.threads)), ("ray-2", 2, args.threads / 2)]
+    if args.threads >= 2:
+        configs.append(("ray-1x1", 1, args.threads / 2))
+    return configs
+
+
+def _pair_median(runs: dict[str, list[float]], num: str, den: str) -> float | None:
+    """Median over repeats of ``num / den`` measured in the same repeat (None if not run)."""
+    if num not in runs or den not in runs:
+        return None
+    return statistics.median(n / d for n, d in zip(runs[num], runs[den], strict=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line (also what benchmarks/gpu_check.py builds its arguments with)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -215,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--window", type=int, default=10, help="iterations per throughput window")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--repeats", type=int, default=3, help="ceiling/full alternations")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="repeats of the sequence ceiling, full, ray-*"
+    )
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray runs")
     ap.add_argument("--json", default=None, help="also write the results here")
     return ap
@@ -230,41 +251,44 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        # ceiling and full loop alternate, so that a change in the machine's load hits both
-        pairs = []
+        # every run of a repeat is adjacent to that repeat's ceiling, so that a change in the
+        # machine's load hits both; ratios are medians over repeats of same-repeat pairs
+        runs: dict[str, list[float]] = {}
+        walls_of: dict[str, list[float]] = {}
         for r in range(args.repeats):
             params = bench_params(args, 1, args.threads, tmp / f"rep{r}")
-            pairs.append((ceiling(args, params), full_loop(args, params, tmp / f"rep{r}")))
-        rows: dict[str, float] = {
-            "ceiling": statistics.median(c for c, _ in pairs),
-            "full": statistics.median(f for _, f in pairs),
-        }
-        pair_ratio = statistics.median(f / c for c, f in pairs)
-        walls: dict[str, float] = {}
-        if not args.no_ray:
-            for workers in (1, 2):
-                rows[f"ray-{workers}"], walls[f"ray-{workers}"] = ray_run(args, workers, tmp)
-            if args.threads >= 2:
-                half = args.threads / 2
-                rows["ray-1x1"], walls["ray-1x1"] = ray_run(args, 1, tmp, cpus_per_worker=half)
+            runs.setdefault("ceiling", []).append(ceiling(args, params))
+            runs.setdefault("full", []).append(full_loop(args, params, tmp / f"rep{r}"))
+            if args.no_ray:
+                continue
+            for name, workers, cpus in _ray_configs(args):
+                rate, wall = ray_run(args, workers, tmp / f"rep{r}", cpus_per_worker=cpus)
+                runs.setdefault(name, []).append(rate)
+                walls_of.setdefault(name, []).append(wall)
+        rows = {name: statistics.median(rates) for name, rates in runs.items()}
+        walls = {name: statistics.median(w) for name, w in walls_of.items()}
+        pair_ratio = _pair_median(runs, "full", "ceiling")
+        ray1_ratio = _pair_median(runs, "ray-1", "ceiling")
+        scaling = _pair_median(runs, "ray-2", "ray-1x1")
 
     print(
         f"\ntraining throughput: stage {args.stage}, generator {args.generator}, global batch "
         f"{args.batch}, crop {args.crop}, "
         f"loader {'synthetic tensors' if args.synthetic else args.backend}, "
         f"{args.threads} CPU thread(s), "
-        f"{args.iterations} timed iterations after {args.warmup}; ceiling/full: median of "
-        f"{args.repeats} alternating runs"
+        f"{args.iterations} timed iterations after {args.warmup}; medians of {args.repeats} "
+        "repeats of the sequence ceiling, full, ray-*"
     )
     print(f"{'run':<10}{'samples/s':>12}{'vs ceiling':>12}{'wall s':>10}")
     for name, rate in rows.items():
         wall = f"{walls[name]:.1f}" if name in walls else ""
         print(f"{name:<10}{rate:>12.1f}{rate / rows['ceiling']:>12.2f}{wall:>10}")
-    print(f"full / ceiling, median over adjacent pairs = {pair_ratio:.2f}")
-    if "ray-2" in rows:
-        print(f"ray-2 / ray-1 = {rows['ray-2'] / rows['ray-1']:.2f} (equal CPUs)")
-    if "ray-1x1" in rows:
-        print(f"ray-2 / ray-1x1 = {rows['ray-2'] / rows['ray-1x1']:.2f} (scaling, ideal 2.0)")
+    print(f"full / ceiling, median over same-repeat pairs = {pair_ratio:.2f}")
+    if ray1_ratio is not None:
+        print(f"ray-1 / ceiling, median over same-repeat pairs = {ray1_ratio:.2f}")
+        print(f"ray-2 / ray-1 = {rows['ray-2'] / rows['ray-1']:.2f} (equal CPUs, medians)")
+    if scaling is not None:
+        print(f"ray-2 / ray-1x1, median over same-repeat pairs = {scaling:.2f} (ideal 2.0)")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     if load:
         print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
@@ -276,13 +300,10 @@ def main(argv: list[str] | None = None) -> int:
                     "args": vars(args),
                     "samples_per_s": rows,
                     "wall_s": walls,
+                    "runs": runs,
                     "full_over_ceiling_pairs": pair_ratio,
-                    "ray1_over_ceiling": rows["ray-1"] / rows["ceiling"]
-                    if "ray-1" in rows
-                    else None,
-                    "scaling_ray2_over_ray1x1": (
-                        rows["ray-2"] / rows["ray-1x1"] if "ray-1x1" in rows else None
-                    ),
+                    "ray1_over_ceiling": ray1_ratio,
+                    "scaling_ray2_over_ray1x1": scaling,
                     "load_average": list(load) if load else None,
                 },
                 indent=2,

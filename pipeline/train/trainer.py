@@ -304,15 +304,19 @@ def _worker_env() -> dict[str, str]:
     (Ray's own value for job drivers) makes the worker an ordinary process;
     ``RAY_worker_niceness`` in the environment overrides it.
 
-    OpenMP's waiting threads sleep (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning: a
-    worker's torch threads spinning between operations took the CPU its loader threads needed
-    (issue 12, quiet 2-core machine, DALI loader: 1 worker kept 0.68 of the compute-only
-    ceiling with the default policy, 0.95 with PASSIVE; the math alone ran at the ceiling in a
-    Ray Train worker either way). ``OMP_WAIT_POLICY`` in the environment overrides it.
+    OpenMP's wait policy is OpenMP's own default (libgomp: an idle thread spins about 3 ms,
+    then sleeps) unless ``OMP_WAIT_POLICY`` is set in the environment, which is passed on. An
+    earlier default here, ``PASSIVE`` (threads sleep at once), cost throughput: every parallel
+    region then starts with a futex wake-up, and the worker left its CPUs idle (issue 12, quiet
+    2-core machine, 110-iteration CUnet runs through Ray with 1 worker: 1.48-1.50 of 2 cores
+    busy and 49.9-58.2 samples/s with PASSIVE against 1.67-1.75 cores and 53.0-70.8 samples/s
+    with the default, interleaved runs; ``benchmarks/train.py`` pairs each Ray run with a
+    ceiling run).
     """
     env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
     env[_NICENESS] = os.environ.get(_NICENESS, "0")
-    env[_OMP_WAIT] = os.environ.get(_OMP_WAIT, "PASSIVE")
+    if _OMP_WAIT in os.environ:
+        env[_OMP_WAIT] = os.environ[_OMP_WAIT]
     return env
 
 
