@@ -294,6 +294,9 @@ class EvalParams(_Section):
     # the true sigma, noise-only settings; slow on a CPU) and "folder:NAME:DIR" (another
     # method's outputs laid out as DIR/<set>/<setting>/<image>.png).
     references: tuple[str, ...] = ()
+    # Reuse the numbers of a pair scored before (same restored and clean pixels, metric code,
+    # weights, libraries and machine: pipeline.evaluation.score_cache), from the user cache dir.
+    score_cache: bool = True
     figures: FigureParams = FigureParams()
 
     @model_validator(mode="after")

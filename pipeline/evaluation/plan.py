@@ -29,6 +29,7 @@ from pipeline.condition import ConditionScale
 from pipeline.config import Params
 from pipeline.device import resolve_device
 from pipeline.evaluation.methods import CheckpointMethod, Method, build_methods
+from pipeline.evaluation.score_cache import ScoreCache
 from pipeline.evaluation.specs import (
     MethodSpec,
     ModelSpec,
@@ -41,6 +42,7 @@ from pipeline.evaluation.specs import (
 )
 from pipeline.evaluation.suite import MetricSuite
 from pipeline.evaluation.terms import EvalError, Kind, SizeMode
+from pipeline.inference.choice import cache_dir
 
 __all__ = ["EvalPlan", "plan_evaluation"]
 
@@ -50,7 +52,8 @@ log = logging.getLogger(__name__)
 class EvalPlan:
     """What an evaluation scores and with what: ``methods`` (models, fixed baselines, then
     references, in that order), the loaded ``generators`` by model name, the ``suite``, the
-    metric names of each method, the sets and settings, and the size mode."""
+    metric names of each method, the sets and settings, the size mode, and the score cache (None:
+    every pair is computed)."""
 
     def __init__(
         self,
@@ -63,6 +66,7 @@ class EvalPlan:
         settings: Sequence[tuple[float, float]],
         size_mode: SizeMode,
         device: torch.device,
+        score_cache: ScoreCache | None = None,
     ) -> None:
         self.methods = list(methods)
         self.generators = dict(generators)
@@ -73,6 +77,7 @@ class EvalPlan:
         self.settings = [tuple(map(float, s)) for s in settings]
         self.size_mode = size_mode
         self.device = device
+        self.score_cache = score_cache
 
     @property
     def specs(self) -> list[MethodSpec]:
@@ -166,4 +171,5 @@ def plan_evaluation(
         settings,
         ev.size_mode,
         device,
+        ScoreCache(cache_dir() / "scores", suite.identity()) if ev.score_cache else None,
     )

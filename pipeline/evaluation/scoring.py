@@ -17,7 +17,10 @@ The loop runs image by image: each PNG is decoded once per evaluation (not once 
 methods restore the image's settings, and everything is scored against the clean image inside
 one :meth:`~pipeline.evaluation.suite.MetricSuite.reference` block (its LPIPS/DISTS features are
 computed once per image, not once per restoration; each number is still the one-pair call's,
-bitwise). The rows come out in the order model -> set -> setting -> image, as the report files
+bitwise). A pair scored before -- the same restored and clean pixels, the same metric suite on
+the same machine -- takes its numbers from the score cache (:mod:`pipeline.evaluation.
+score_cache`; the degraded input on every rerun of the stage), bitwise those the suite would
+compute. The rows come out in the order model -> set -> setting -> image, as the report files
 list them.
 """
 
@@ -30,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from rich.progress import Progress
+from torch import Tensor
 
 from pipeline.condition import setting_key
 from pipeline.config import Params
@@ -37,6 +41,7 @@ from pipeline.degradation import to_tensor
 from pipeline.evaluation.methods import ImageRef, Method
 from pipeline.evaluation.plan import EvalPlan, plan_evaluation
 from pipeline.evaluation.results import EvalReport, ScoreRow
+from pipeline.evaluation.score_cache import pixels_digest
 from pipeline.evaluation.sets import EvalSet, fit_size, load_eval_set
 from pipeline.evaluation.specs import ModelSpec, Prebuilt, ReferenceSpec
 from pipeline.evaluation.terms import REFERENCE_KIND, EvalError
@@ -93,6 +98,8 @@ def score_plan(
             )
             for image in es.images:
                 rows += _score_image(plan, es, image, seconds, tick)
+    if plan.score_cache is not None and plan.score_cache.hits:
+        log.info("%s", plan.score_cache.summary())
     order = {m.spec.name: i for i, m in enumerate(plan.methods)}
     set_order = {s: i for i, s in enumerate(plan.sets)}
     keys = [setting_key(*s) for s in plan.settings]
@@ -153,15 +160,38 @@ def _score_method(
             degraded[setting] = fit_size(read_rgb8(path).array, mode, where=str(path))
         restored.append(_restore(method, degraded[setting], setting, ref, clean.shape))
         tick()
-    scores = plan.suite.score_many(
-        [to_tensor(r) for r in restored], clean_t, plan.metric_names[method.spec.name]
-    )
+    scores = _scores(plan, restored, clean, clean_t, plan.metric_names[method.spec.name])
     kind = method.spec.kind if isinstance(method.spec, ModelSpec) else REFERENCE_KIND
     seconds[method.spec.name] += time.perf_counter() - t0
     return [
         ScoreRow(method.spec.name, kind, es.name, setting_key(*s), image, sc)
         for s, sc in zip(settings, scores, strict=True)
     ]
+
+
+def _scores(
+    plan: EvalPlan,
+    restored: Sequence[np.ndarray],
+    clean: np.ndarray,
+    clean_t: Tensor,
+    names: tuple[str, ...],
+) -> list[dict[str, float]]:
+    """The scores of each restoration against ``clean``: from the plan's score cache where it
+    holds the pair (:mod:`pipeline.evaluation.score_cache`), the rest computed by the suite in
+    one call, and stored."""
+    cache = plan.score_cache
+    if cache is None:
+        return plan.suite.score_many([to_tensor(r) for r in restored], clean_t, names)
+    clean_digest = pixels_digest(clean)
+    keys = [cache.key(pixels_digest(r), clean_digest, names) for r in restored]
+    found = [cache.get(k, names) for k in keys]
+    todo = [i for i, f in enumerate(found) if f is None]
+    if todo:
+        computed = plan.suite.score_many([to_tensor(restored[i]) for i in todo], clean_t, names)
+        for i, scores in zip(todo, computed, strict=True):
+            cache.put(keys[i], scores)
+            found[i] = scores
+    return [f for f in found if f is not None]
 
 
 def _restore(

@@ -17,7 +17,11 @@ every number equals the one-pair call bitwise (the tests check it); PSNR/SSIM ar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
+from functools import cache
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +58,7 @@ class MetricSuite:
         self.labels: dict[str, str] = {}
         self.random: dict[str, bool] = {}
         self._perceptual: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
+        self._identity: dict[str, object] | None = None
         for name in self.names:
             if name in PERCEPTUAL:
                 cls = metrics.LPIPSMetric if name == "lpips" else metrics.DISTSMetric
@@ -70,6 +75,38 @@ class MetricSuite:
                     f"{kind.upper()} on {'Y (BT.601)' if space == 'y' else 'RGB'}, "
                     f"crop_border={self.crop_border}"
                 )
+
+    def identity(self) -> dict[str, object]:
+        """Everything this suite's numbers depend on besides the two images (the key of
+        :mod:`pipeline.evaluation.score_cache`): per metric its label and the digest of its
+        networks' parameters and buffers; the crop, the device, the metric code, the library
+        versions, the CPU and torch's threads. Computed once (hashing VGG16 takes ~0.1 s)."""
+        if self._identity is None:
+            from pipeline.inference.choice import cpu_features
+
+            self._identity = {
+                "metrics": {
+                    name: {
+                        "label": self.labels[name],
+                        "weights": _weights_digest(self._perceptual[name])
+                        if name in self._perceptual
+                        else None,
+                    }
+                    for name in self.names
+                },
+                "crop_border": self.crop_border,
+                "device": str(self.device),
+                "device_name": torch.cuda.get_device_name(self.device)
+                if self.device.type == "cuda"
+                else None,
+                "code": _code_digest(),
+                "versions": {
+                    pkg: _version(pkg) for pkg in ("torch", "torchmetrics", "lpips", "numpy")
+                },
+                "cpu": cpu_features(),
+                "threads": torch.get_num_threads(),
+            }
+        return self._identity
 
     @property
     def any_random(self) -> bool:
@@ -114,6 +151,36 @@ class MetricSuite:
                     scores[name] = float(value.reshape(-1)[0])
                 out.append(scores)
         return out
+
+
+def _weights_digest(metric: Any) -> str | None:
+    """SHA-256 over a metric network's state (names, dtypes, shapes, bytes), else None."""
+    if not isinstance(metric, torch.nn.Module):
+        return None
+    h = hashlib.sha256()
+    for name, tensor in sorted(metric.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@cache
+def _code_digest() -> str:
+    """SHA-256 of the code that computes the numbers: pipeline/metrics.py and this module."""
+    from pipeline import metrics as metrics_module
+
+    h = hashlib.sha256()
+    for path in (Path(metrics_module.__file__), Path(__file__)):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _is_random(metric: Any) -> bool:
