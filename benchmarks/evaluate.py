@@ -15,6 +15,21 @@ subprocess (imports and model loading count, as in ``dvc repro``):
 * ``score``: :func:`pipeline.evaluation.scoring.evaluate_models` on the same models only -- the
   same work in both revisions (the after one adds no reference unless asked).
 
+Each after run has its own user cache directory (``$CUGAN_CACHE_DIR``) holding only the
+inference path measurements of the user's cache (``inference-paths.json``; in a ``dvc repro``
+the training stages' validation measured them already): no scores
+(:mod:`pipeline.evaluation.score_cache`), so ``stage`` and ``score`` compute every pair.
+``--reruns`` adds two more after-stage runs:
+
+* ``stage_retrained``: the models' weights changed, the evaluation sets did not (what every
+  ``dvc repro`` after a retraining runs). The cache is primed first by a stage run on copies of
+  the models with perturbed weights (same configs, other restorations), so the input's scores
+  and the path measurements are there and the models' are not;
+* ``stage_unchanged``: the same models again (``dvc repro -f evaluate``, the evaluation flow on
+  registered models, a promotion that re-scores the champion): every pair from the cache.
+
+Each rerun's ``metrics.json`` must equal the first one's bitwise (``reruns_identical``).
+
 Reported per run: wall seconds and CPU seconds of the subprocess (CPU time is the fairer figure
 on a shared machine, wall time the one a user waits). The numbers: every ``means`` value that
 both stages' ``metrics.json`` hold is compared bitwise (JSON keeps a float's every digit), and
@@ -29,6 +44,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,10 +78,13 @@ def export_revision(rev: str, dst: Path) -> Path:
     return dst
 
 
-def timed(cmd: list[str], code_root: Path, log: Path) -> dict[str, float]:
+def timed(
+    cmd: list[str], code_root: Path, log: Path, env: dict[str, str] | None = None
+) -> dict[str, float]:
     """Run ``cmd`` with ``code_root`` first on PYTHONPATH (``python -P``: the working directory,
-    which may hold another revision's packages, is not put first); wall and CPU seconds."""
-    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    which may hold another revision's packages, is not put first) and ``env`` added; wall and
+    CPU seconds."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(code_root)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with log.open("w") as fp:
@@ -77,6 +96,42 @@ def timed(cmd: list[str], code_root: Path, log: Path) -> dict[str, float]:
         raise SystemExit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n" + "\n".join(tail))
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+
+
+_PERTURB_DRIVER = """
+import sys, torch
+from pipeline.checkpoint import load_checkpoint, save_generator
+src, dst = sys.argv[1:]
+g = load_checkpoint(src)
+gen = torch.Generator().manual_seed(0)
+with torch.no_grad():
+    for p in g.model.parameters():
+        p.add_(1e-3 * torch.randn(p.shape, generator=gen))
+save_generator(dst, g.model, metadata={**g.metadata, "benchmark": "perturbed copy"}, scale=g.scale)
+"""
+
+
+def path_cache(dst: Path) -> Path:
+    """A user cache directory holding only the user's inference path measurements (if any)."""
+    from pipeline.inference.choice import cache_file  # torch: only when measuring
+
+    dst.mkdir(parents=True, exist_ok=True)
+    if cache_file().is_file():
+        shutil.copy2(cache_file(), dst / cache_file().name)
+    return dst
+
+
+def perturbed_models(models: list[str], work: Path, code_root: Path) -> list[str]:
+    """Copies of the model specs' checkpoints with slightly perturbed weights (same configs)."""
+    out = []
+    for spec in models:
+        name, kind, path = spec.split(":", 2)
+        dst = work / f"perturbed-{name}"
+        cmd = [sys.executable, "-P", "-c", _PERTURB_DRIVER, path, str(dst)]
+        env = {**os.environ, "PYTHONPATH": str(code_root)}
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        out.append(f"{name}:{kind}:{dst}")
+    return out
 
 
 def compare_means(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +151,35 @@ def compare_means(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
     return {"identical": n > 0 and not diffs, "compared_values": n, "differences": diffs}
 
 
+def _stage_cmd(args: argparse.Namespace, models: list[str], out: Path) -> list[str]:
+    cmd = [sys.executable, "-P", "-m", "stages.evaluate", "--params", args.params]
+    cmd += ["--evalsets", args.evalsets, "--out", str(out), "--no-mlflow"]
+    cmd += [a for m in models for a in ("--model", m)]
+    return cmd + (["--no-figures"] if args.no_figures else [])
+
+
+def _reruns(
+    args: argparse.Namespace,
+    models: list[str],
+    work: Path,
+    cache: dict[str, str],
+    means: dict[str, Any],
+) -> dict[str, Any]:
+    """The after stage after a retraining (cache primed by perturbed copies of the models) and
+    with unchanged models; both on the first after run's cache, both compared bitwise with it."""
+    env = {"CUGAN_CACHE_DIR": str(path_cache(work / "retrained-cache"))}
+    prime = perturbed_models(models, work, REPO)
+    timed(_stage_cmd(args, prime, work / "prime-out"), REPO, work / "prime.log", env)
+    rows: dict[str, Any] = {}
+    same = True
+    for part, run_env in (("stage_retrained", env), ("stage_unchanged", cache)):
+        out = work / f"{part}-out"
+        rows[part] = timed(_stage_cmd(args, models, out), REPO, work / f"{part}.log", run_env)
+        same = same and json.loads((out / "metrics.json").read_text())["means"] == means
+    rows["reruns_identical"] = same
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before", required=True, help="git revision to compare with (e.g. main)")
@@ -104,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml", help="valid for BOTH revisions")
     ap.add_argument("--no-figures", action="store_true", help="skip the modulation figures")
     ap.add_argument("--skip-score", action="store_true", help="time the stages only")
+    ap.add_argument(
+        "--reruns",
+        action="store_true",
+        help="also time the after stage rerun after a retraining and with unchanged models",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--workdir", type=Path, default=None, help="keep outputs here (else temp)")
     args = ap.parse_args(argv)
@@ -113,23 +202,29 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir or Path(tmp)
         trees = {"before": export_revision(args.before, work / "before-code"), "after": REPO}
         results: dict[str, Any] = {"before_rev": args.before, "models": models}
+        cache = {"CUGAN_CACHE_DIR": str(path_cache(work / "after-cache"))}
         for label, tree in trees.items():
+            env = cache if label == "after" else None
             out = work / f"{label}-out"
-            cmd = [sys.executable, "-P", "-m", "stages.evaluate", "--params", args.params]
-            cmd += ["--evalsets", args.evalsets, "--out", str(out), "--no-mlflow"]
-            cmd += [a for m in models for a in ("--model", m)]
-            cmd += ["--no-figures"] if args.no_figures else []
-            row: dict[str, Any] = {"stage": timed(cmd, tree, work / f"{label}-stage.log")}
+            row: dict[str, Any] = {
+                "stage": timed(
+                    _stage_cmd(args, models, out), tree, work / f"{label}-stage.log", env
+                )
+            }
             means = json.loads((out / "metrics.json").read_text())["means"]
             row["stage"]["methods"] = sorted(means)
             if not args.skip_score:
                 score = [sys.executable, "-P", "-c", _SCORE_DRIVER, args.params, args.evalsets]
-                row["score"] = timed(score + models, tree, work / f"{label}-score.log")
+                if label == "after":  # no scores from the stage's run
+                    env = {"CUGAN_CACHE_DIR": str(path_cache(work / "score-cache"))}
+                row["score"] = timed(score + models, tree, work / f"{label}-score.log", env)
             results[label] = {**row, "means": means}
+        if args.reruns:
+            results["after"].update(_reruns(args, models, work, cache, results["after"]["means"]))
         results.update(compare_means(results["before"].pop("means"), results["after"].pop("means")))
-        for part in ("stage", "score"):
+        for part in ("stage", "score", "stage_retrained", "stage_unchanged"):
             if part in results["after"]:
-                b, a = results["before"][part], results["after"][part]
+                b, a = results["before"][part.split("_")[0]], results["after"][part]
                 results[f"speedup_{part}"] = {
                     k: round(b[k] / a[k], 2) for k in ("wall_s", "cpu_s") if a[k] > 0
                 }
@@ -137,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
-    return 0 if results["identical"] else 1
+    return 0 if results["identical"] and results["after"].get("reruns_identical", True) else 1
 
 
 if __name__ == "__main__":
