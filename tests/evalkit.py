@@ -144,3 +144,18 @@ def register_tiny(
         client.create_registered_model(name)
     source = f"{run.info.artifact_uri}/{layout.split('/')[0]}"
     return str(client.create_model_version(name, source=source, run_id=run.info.run_id).version)
+
+
+def evaluate_with_input(specs, root: Path, params: Params, loaded):
+    """``evaluate_models`` on the tiny set with the degraded input as the one reference."""
+    from pipeline.evaluation.scoring import evaluate_models
+    from pipeline.evaluation.specs import ReferenceSpec
+
+    return evaluate_models(
+        specs,
+        root,
+        params,
+        loaded=loaded,
+        references=[ReferenceSpec("input", "input")],
+        progress=False,
+    )

@@ -10,8 +10,7 @@ import torch
 
 from pipeline.condition import DEFAULT_SCALE
 from pipeline.degradation import to_tensor
-from pipeline.evaluation.scoring import evaluate_models
-from pipeline.evaluation.specs import ModelSpec, ReferenceSpec, parse_setting_key
+from pipeline.evaluation.specs import ModelSpec, parse_setting_key
 from pipeline.evaluation.suite import MetricSuite
 from pipeline.imageio import read_rgb8
 from pipeline.inference import restore
@@ -90,14 +89,7 @@ def _report(evalset):
     loaded = {
         s.name: (evalkit.tiny_generator(seed=7 + i), DEFAULT_SCALE) for i, s in enumerate(specs)
     }
-    return evaluate_models(
-        specs,
-        root,
-        params,
-        loaded=loaded,
-        references=[ReferenceSpec("input", "input")],
-        progress=False,
-    ), loaded
+    return evalkit.evaluate_with_input(specs, root, params, loaded), loaded
 
 
 def test_report_equals_the_one_pair_loop_bitwise(evalset):

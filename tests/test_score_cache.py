@@ -11,8 +11,7 @@ import torch
 
 from pipeline.condition import DEFAULT_SCALE
 from pipeline.evaluation.score_cache import ScoreCache, pixels_digest
-from pipeline.evaluation.scoring import evaluate_models
-from pipeline.evaluation.specs import ModelSpec, ReferenceSpec
+from pipeline.evaluation.specs import ModelSpec
 from pipeline.evaluation.suite import MetricSuite
 from tests import evalkit
 
@@ -31,14 +30,7 @@ def _evaluate(root, params, *, seed: int = 7):
     # damaged: an untrained tiny net may give back its input exactly (then the input's pairs
     # are the model's, and come from the cache in the first run already)
     loaded = {"cugan": (evalkit.tiny_generator(seed=seed, damage=0.05), DEFAULT_SCALE)}
-    return evaluate_models(
-        specs,
-        root,
-        params,
-        loaded=loaded,
-        references=[ReferenceSpec("input", "input")],
-        progress=False,
-    )
+    return evalkit.evaluate_with_input(specs, root, params, loaded)
 
 
 def _values(report):
