@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from importlib import metadata
@@ -167,12 +168,15 @@ def _weights_digest(metric: Any) -> str | None:
 
 @cache
 def _code_digest() -> str:
-    """SHA-256 of the code that computes the numbers: pipeline/metrics.py and this module."""
+    """SHA-256 of the code that computes the numbers from two uint8 images: pipeline/metrics.py,
+    this module, and the uint8 -> [0, 1] conversion the scoring applies first."""
     from pipeline import metrics as metrics_module
+    from pipeline.degradation import to_tensor
 
     h = hashlib.sha256()
     for path in (Path(metrics_module.__file__), Path(__file__)):
         h.update(path.read_bytes())
+    h.update(inspect.getsource(to_tensor).encode())
     return h.hexdigest()
 
 
