@@ -28,6 +28,7 @@ the interrupted one stopped instead of restarting the epoch. The target device i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -86,21 +87,14 @@ def build_train_loader(
         raise LoaderError(f"loader: {err}") from None
 
     def build(name: str) -> TrainLoader:
+        cls: Callable[..., TrainLoader] = TorchTrainLoader
         if name == "dali":
             # Imported here, not at the top: DALI is a large optional wheel, and the torch
             # backend must keep working (and importing this module must stay cheap) without it.
             from pipeline.data.dali_pipeline import DaliTrainLoader
 
-            return DaliTrainLoader(
-                shards,
-                params,
-                rank=rank,
-                world_size=world_size,
-                seed=seed,
-                device=target,
-                fixed_levels=fixed_levels,
-            )
-        return TorchTrainLoader(
+            cls = DaliTrainLoader
+        return cls(
             shards,
             params,
             rank=rank,
