@@ -14,8 +14,9 @@ content, not the name: a SHA-256 of
   each metric's label, the digest of every parameter and buffer of its networks, the
   ``crop_border``, the digests of the metric code (``pipeline/metrics.py``, the suite, the
   uint8 -> float conversion), the versions of torch, torchmetrics, lpips and numpy, the
-  device, the CPU model and its instruction-set flags, and torch's thread count (a convolution's float sums may differ
-  between kernels, so another machine computes its own numbers).
+  device, the CPU model and its instruction-set flags, and torch's thread count (a
+  convolution's float sums may differ between kernels, so another machine computes its own
+  numbers).
 
 So an entry can only be found by the computation that would give it again; nothing is ever
 invalidated by hand. Each entry is one small JSON file, ``<cache>/scores/<ab>/<key>.json``
